@@ -1,0 +1,453 @@
+"""The daemon: the top nursery with listeners, admin, idle sweeper, signals, reload and drain.
+
+Lifecycle of ``Daemon.run``:
+
+1. bind every listener and the admin endpoint (``BindError`` before anything starts);
+2. serve; ``SIGHUP`` reloads the file (a bad file is logged and the old config stays);
+3. on ``SIGTERM``/``SIGINT``: stop accepting, ``/healthz`` answers 503, wait up to
+   ``drain_timeout`` for connections to finish, close the rest; a second signal closes at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from . import __version__
+from .acl import BackendAuthorization, SourceACL
+from .admin import AdminHandlers, serve_admin
+from .config import Config, ConfigError, ListenerConfig, load_config, unsupported
+from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
+from .logs import configure_logging
+from .metrics import render_metrics
+from .netaddr import SocketAddress
+from .ratelimit import RateLimiter
+from .relay import IdleSweeper, PipePool
+from .runtime import ListenerRuntime, ListenerStats
+from .upstream import UpstreamRuntime
+
+log = structlog.get_logger("l4gw.daemon")
+
+#: Features whose keys ``check``/``run`` refuse with "not supported yet" (see config.unsupported).
+NOT_BUILT: frozenset[str] = frozenset({"tls", "http", "discovery", "health", "workers"})
+
+
+def config_problems(config: Config) -> list[str]:
+    """Problems that make a parsed config unusable by this build (unsupported features)."""
+    return unsupported(config, NOT_BUILT)
+
+
+def load_usable_config(path: str | os.PathLike[str]) -> Config:
+    """Load and validate ``path`` for running. Raises ``ConfigError`` listing every problem."""
+    config = load_config(path)
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def config_as_dict(config: Config) -> dict[str, Any]:
+    """The running configuration as plain JSON-able data (for ``/config``)."""
+    data = attrs.asdict(config, recurse=True)
+    result = _to_jsonable(data)
+    assert isinstance(result, dict)
+    return result
+
+
+class _Listening:
+    """A bound listener: its runtime, socket and the cancel scope of its accept loop."""
+
+    def __init__(self, runtime: ListenerRuntime, sock: socket.socket) -> None:
+        self.runtime = runtime
+        self.sock = sock
+        self.scope = trio.CancelScope()
+
+    def close(self) -> None:
+        self.scope.cancel()
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class Daemon:
+    """One gateway process. Construct with a validated ``Config``; ``run`` serves until stopped.
+
+    ``reuse_port`` sets SO_REUSEPORT on listeners (several worker processes per port);
+    ``inherited`` maps listener addresses to sockets passed in by systemd.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | os.PathLike[str] | None = None,
+        reuse_port: bool = False,
+        inherited: Callable[[ListenerConfig], socket.socket | None] | None = None,
+        on_ready: Callable[[Daemon], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.reuse_port = reuse_port
+        self.inherited = inherited
+        self.on_ready = on_ready
+        self.started_wall = time.time()
+        self.draining = False
+        self.stats: dict[str, ListenerStats] = {}
+        self.upstreams: dict[str, UpstreamRuntime] = {}
+        self.listening: dict[str, _Listening] = {}
+        self.pool = PipePool()
+        self.sweeper = IdleSweeper()
+        self.reloads = 0
+        self.reload_failures = 0
+        self.admin_address: SocketAddress | None = None
+        self._stop = trio.Event()
+        self._hard_stop = trio.Event()
+        self._ctx: ConnectionContext | None = None
+        self._services: trio.Nursery | None = None
+
+    # -- building runtime state from config ---------------------------------------------
+
+    def _authorization(self, config: Config) -> BackendAuthorization:
+        return BackendAuthorization(config.authorize)
+
+    def _apply_upstreams(self, config: Config) -> None:
+        authorization = self._authorization(config)
+        upstreams = dict(self.upstreams)
+        for name, up_config in config.upstreams.items():
+            existing = upstreams.get(name)
+            if existing is None:
+                upstreams[name] = UpstreamRuntime(up_config, authorization)
+            else:
+                existing.apply(up_config, authorization)
+        for name in list(upstreams):
+            if name not in config.upstreams:
+                for node in upstreams[name].nodes:
+                    node.in_service = False
+                del upstreams[name]
+        self.upstreams = upstreams
+
+    def _listener_runtime(self, lc: ListenerConfig, access_log: bool) -> ListenerRuntime:
+        stats = self.stats.setdefault(lc.name, ListenerStats())
+        return ListenerRuntime(
+            config=lc,
+            stats=stats,
+            acl=SourceACL(lc.allow, lc.deny),
+            rate_limiter=RateLimiter(lc.rate_limit, lc.rate_limit_burst),
+            upstreams=self.upstreams,
+            proxy_from=SourceACL(lc.proxy_protocol_from) if lc.proxy_protocol_from else None,
+            access_log=access_log,
+        )
+
+    def _bind(self, lc: ListenerConfig) -> socket.socket:
+        if self.inherited is not None:
+            sock = self.inherited(lc)
+            if sock is not None:
+                sock.setblocking(False)
+                return sock
+        return bind_listener(lc.name, lc.listen, reuse_port=self.reuse_port)
+
+    def bind_all(self) -> None:
+        """Bind every listener of the current config. Raises ``BindError`` (nothing left open)."""
+        self._apply_upstreams(self.config)
+        bound: dict[str, _Listening] = {}
+        try:
+            for lc in self.config.listeners:
+                runtime = self._listener_runtime(lc, self.config.daemon.access_log)
+                bound[lc.name] = _Listening(runtime, self._bind(lc))
+        except BindError:
+            for item in bound.values():
+                item.sock.close()
+            raise
+        self.listening = bound
+
+    # -- serving ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until a stop signal (or ``stop()``) and the drain are over.
+
+        Raises ``BindError`` when a listener or the admin endpoint cannot be bound.
+        """
+        admin_sock: socket.socket | None = None
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            if not self.listening:
+                self.bind_all()
+            admin = self.config.daemon.admin
+            if admin is not None:
+                try:
+                    admin_sock = bind_listener("admin", admin)
+                except BindError:
+                    for item in self.listening.values():
+                        item.sock.close()
+                    raise
+                host, port = admin_sock.getsockname()[:2]
+                self.admin_address = SocketAddress(host, port)
+            try:
+                async with trio.open_nursery() as services:
+                    self._services = services
+                    services.start_soon(self._handle_signals, signals)
+                    services.start_soon(self.sweeper.run)
+                    if admin_sock is not None:
+                        handlers = AdminHandlers(
+                            healthy=lambda: not self.draining,
+                            status=self.status,
+                            metrics=self.metrics_text,
+                            config=lambda: config_as_dict(self.config),
+                        )
+                        await services.start(serve_admin, admin_sock, handlers)
+                    async with trio.open_nursery() as connections:
+                        self._ctx = ConnectionContext(connections, self.pool, self.sweeper)
+                        for item in self.listening.values():
+                            self._start_accepting(item)
+                        self._start_upstream_services()
+                        log.info(
+                            "started",
+                            version=__version__,
+                            listeners={n: str(i.runtime.config.listen) for n, i in self.listening.items()},
+                            admin=str(self.admin_address) if self.admin_address else None,
+                        )
+                        task_status.started(self)
+                        if self.on_ready is not None:
+                            self.on_ready(self)
+                        await self._stop.wait()
+                        await self._drain(connections)
+                    services.cancel_scope.cancel()
+            finally:
+                for item in self.listening.values():
+                    item.close()
+                if admin_sock is not None and admin_sock.fileno() >= 0:
+                    admin_sock.close()
+                self.pool.close()
+        log.info("stopped")
+
+    def _start_accepting(self, item: _Listening) -> None:
+        assert self._services is not None and self._ctx is not None
+        ctx = self._ctx
+
+        async def accept_loop() -> None:
+            with item.scope:
+                await serve_listener(item.runtime, item.sock, ctx)
+
+        self._services.start_soon(accept_loop)
+
+    def _start_upstream_services(self) -> None:
+        """Start health checks and DNS discovery for the upstreams (wired by later issues)."""
+
+    async def _handle_signals(self, signals: trio.abc.ReceiveChannel[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif self._stop.is_set():
+                log.warning("stop_now", signal=signal.Signals(signum).name)
+                self._hard_stop.set()
+            else:
+                log.info("stopping", signal=signal.Signals(signum).name,
+                         drain_timeout=self.config.daemon.drain_timeout)
+                self.stop()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (as SIGTERM does)."""
+        self._stop.set()
+
+    def stop_now(self) -> None:
+        """Close every connection at once (as a second SIGTERM does)."""
+        self._stop.set()
+        self._hard_stop.set()
+
+    def active_connections(self) -> int:
+        return sum(stats.active for stats in self.stats.values())
+
+    async def _drain(self, connections: trio.Nursery) -> None:
+        self.draining = True
+        for item in self.listening.values():
+            item.runtime.draining = True
+            item.close()
+        timeout = self.config.daemon.drain_timeout
+        with trio.move_on_after(timeout) as scope:
+            async with trio.open_nursery() as waiter:
+                async def hard() -> None:
+                    await self._hard_stop.wait()
+                    waiter.cancel_scope.cancel()
+                waiter.start_soon(hard)
+                while self.active_connections() > 0:
+                    await trio.sleep(0.05)
+                waiter.cancel_scope.cancel()
+        left = self.active_connections()
+        if left:
+            log.warning("drain_cut", connections=left, timed_out=scope.cancelled_caught)
+        connections.cancel_scope.cancel()
+
+    # -- reload -------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file and apply it; on any problem keep the running config.
+
+        Returns True when the new config is in force.
+        """
+        if self.config_path is None:
+            log.warning("reload_ignored", reason="no config file (embedded config)")
+            return False
+        try:
+            new = load_usable_config(self.config_path)
+        except ConfigError as exc:
+            self.reload_failures += 1
+            log.error("reload_rejected", file=str(self.config_path), problems=exc.problems)
+            return False
+        try:
+            self.apply(new)
+        except BindError as exc:
+            self.reload_failures += 1
+            log.error("reload_rejected", file=str(self.config_path), problems=[str(exc)])
+            return False
+        self.reloads += 1
+        log.info("reloaded", file=str(self.config_path), listeners=len(new.listeners),
+                 upstreams=len(new.upstreams))
+        return True
+
+    def apply(self, new: Config) -> None:
+        """Make ``new`` the running configuration without cutting any connection.
+
+        New listeners are bound first (``BindError`` leaves everything as it was); listeners
+        that keep their name and address keep their socket, so no connection attempt is
+        refused; removed listeners stop accepting while their connections run on.
+        """
+        old_daemon = self.config.daemon
+        if new.daemon.admin != old_daemon.admin:
+            log.warning("reload_admin_unchanged", reason="the admin address applies at start")
+        fresh: dict[str, _Listening] = {}
+        keep: dict[str, ListenerConfig] = {}
+        try:
+            for lc in new.listeners:
+                current = self.listening.get(lc.name)
+                if current is not None and current.runtime.config.listen == lc.listen:
+                    keep[lc.name] = lc
+                    continue
+                moved = next(
+                    (i for i in self.listening.values() if i.runtime.config.listen == lc.listen),
+                    None,
+                )
+                if moved is not None:
+                    raise BindError(
+                        f"listener {lc.name}: {lc.listen} is still used by listener "
+                        f"{moved.runtime.name}; rename in two reloads"
+                    )
+                fresh[lc.name] = _Listening(
+                    self._listener_runtime(lc, new.daemon.access_log), self._bind(lc)
+                )
+        except BindError:
+            for item in fresh.values():
+                item.sock.close()
+            raise
+        if (new.daemon.log_level, new.daemon.log_format) != (
+            old_daemon.log_level, old_daemon.log_format
+        ):
+            configure_logging(new.daemon.log_level, new.daemon.log_format)
+        self.config = new
+        self._apply_upstreams(new)
+        listening: dict[str, _Listening] = {}
+        for name, item in self.listening.items():
+            if name in keep:
+                lc = keep[name]
+                runtime = item.runtime
+                runtime.config = lc
+                runtime.acl = SourceACL(lc.allow, lc.deny)
+                runtime.rate_limiter = RateLimiter(lc.rate_limit, lc.rate_limit_burst)
+                runtime.proxy_from = (
+                    SourceACL(lc.proxy_protocol_from) if lc.proxy_protocol_from else None
+                )
+                runtime.access_log = new.daemon.access_log
+                runtime.upstreams = self.upstreams
+                listening[name] = item
+            else:
+                item.close()
+        for name, item in fresh.items():
+            listening[name] = item
+            if self._ctx is not None:
+                self._start_accepting(item)
+        self.listening = listening
+        self._start_upstream_services()
+
+    # -- visibility ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``/status`` document."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "draining": self.draining,
+            "uptime_seconds": round(time.time() - self.started_wall, 3),
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "listeners": [
+                {
+                    "name": name,
+                    "address": str(item.runtime.config.listen),
+                    "mode": item.runtime.config.mode,
+                    "upstream": item.runtime.config.upstream,
+                    "active_connections": item.runtime.stats.active,
+                    "connections_total": sum(item.runtime.stats.outcomes.values()),
+                }
+                for name, item in self.listening.items()
+            ],
+            "upstreams": [
+                {
+                    "name": up.name,
+                    "balance": up.config.balance,
+                    "nodes": [self._node_status(node) for node in up.all_nodes()],
+                }
+                for up in self.upstreams.values()
+            ],
+        }
+
+    def _node_status(self, node: Any) -> dict[str, Any]:
+        state = "up" if node.healthy else "down"
+        if not node.in_service or node.weight == 0:
+            state = "draining"
+        return {
+            "address": node.key,
+            "weight": node.weight,
+            "healthy": node.healthy,
+            "state": state,
+            "active_connections": node.active,
+            "connections_total": node.connections_total,
+            "connect_failures": node.connect_failures,
+            "source": node.source,
+            "last_check": None,
+            "since": None,
+        }
+
+    def metrics_text(self) -> str:
+        return render_metrics(
+            self.stats,
+            self.upstreams.values(),
+            http_listeners=[i.runtime.name for i in self.listening.values()
+                            if i.runtime.config.mode == "http"],
+            extra=[
+                ("l4gw_reloads_total", "counter", "Successful configuration reloads.",
+                 [({}, self.reloads)]),
+                ("l4gw_reload_failures_total", "counter", "Rejected configuration reloads.",
+                 [({}, self.reload_failures)]),
+                ("l4gw_idle_timeouts_total", "counter", "Connections closed by idle_timeout.",
+                 [({}, self.sweeper.closed_idle)]),
+                ("l4gw_draining", "gauge", "1 while the daemon drains before stopping.",
+                 [({}, int(self.draining))]),
+            ],
+        )

@@ -1,0 +1,475 @@
+"""Listening sockets: bind (or take over a systemd-passed socket), accept in batches, admit or
+refuse each connection, and hand it to the L4 relay or the L7 handler.
+
+Admission (source allow/deny, rate limit, ``max_connections``) is decided synchronously in the
+accept loop, before any task is spawned, any byte is read or any node is contacted, so a flood
+of refused connections costs one ``accept`` and one ``close`` each.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from .config import ListenerConfig
+from .connect import open_node_connection
+from .errors import GatewayError
+from .netaddr import SocketAddress
+from .nodes import NodeState
+from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
+from .relay import HAVE_SPLICE, IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
+from .runtime import ListenerRuntime
+
+log = structlog.get_logger("l4gw.listener")
+access = structlog.get_logger("l4gw.access")
+
+#: Connections accepted per wake-up before yielding to the other tasks.
+ACCEPT_BATCH = 64
+#: The kernel caps this at net.core.somaxconn.
+BACKLOG = 65535
+#: accept() errors that mean "out of a resource": log, back off, keep the listener.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about one connection that died in the queue: skip it.
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+_LINGER_RESET = struct.pack("ii", 1, 0)
+#: How long a peer in front may take to send its whole PROXY header.
+PROXY_HEADER_TIMEOUT = 5.0
+#: How long a TLS client may take to finish its handshake.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+class BindError(Exception):
+    """A listening socket could not be opened; the message names the listener and address."""
+
+
+def bind_listener(
+    name: str,
+    address: SocketAddress,
+    *,
+    reuse_port: bool = False,
+) -> socket.socket:
+    """Open a non-blocking listening socket on ``address``.
+
+    SO_REUSEADDR always; SO_REUSEPORT when several worker processes share the port; IPv6
+    sockets are v6-only so ``[::]:P`` and ``0.0.0.0:P`` can be separate listeners. Raises
+    ``BindError``. The caller owns the socket.
+    """
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address.sockaddr())
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"listener {name}: cannot listen on {address}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Close an accepted connection at once (a reset, so no TIME_WAIT is left here)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class ConnectionContext:
+    """What every connection handler shares: the nursery its tasks run in, the pipe pool,
+    the idle sweeper and the shutdown state."""
+
+    def __init__(self, nursery: trio.Nursery, pool: PipePool, sweeper: IdleSweeper) -> None:
+        self.nursery = nursery
+        self.pool = pool
+        self.sweeper = sweeper
+
+
+def log_connection(
+    listener: ListenerRuntime,
+    client: tuple[str, int],
+    node: NodeState | None,
+    bytes_in: int,
+    bytes_out: int,
+    started: float,
+    outcome: str,
+    reason: str = "",
+) -> None:
+    """The access line of one TCP connection (SPEC fields), if access logging is on."""
+    if not listener.access_log:
+        return
+    access.info(
+        "connection",
+        listener=listener.config.name,
+        client=f"{client[0]}:{client[1]}",
+        node=node.key if node is not None else None,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        duration_ms=round((trio.current_time() - started) * 1000, 3),
+        outcome=outcome,
+        **({"reason": reason} if reason else {}),
+    )
+
+
+def admit(listener: ListenerRuntime, ip: str, now: float) -> str | None:
+    """The refusal outcome for a new connection from ``ip``, or None to admit it."""
+    if not listener.acl.is_open and not listener.acl.allows(ip):
+        return "denied"
+    config = listener.config
+    if config.mode == "tcp" and listener.rate_limiter.enabled and not listener.rate_limiter.allow(
+        ip, now
+    ):
+        return "rate_limited"
+    if config.max_connections and listener.stats.active >= config.max_connections:
+        return "max_connections"
+    return None
+
+
+async def serve_listener(
+    listener: ListenerRuntime,
+    sock: socket.socket,
+    ctx: ConnectionContext,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``sock`` forever; each admitted one runs in ``ctx.nursery``.
+
+    Runs until cancelled or until ``sock`` is closed (with ``notify_closing``). Resource
+    errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) are logged and the loop backs off, up to 1 s,
+    instead of dying. Does not close ``sock``.
+    """
+    task_status.started()
+    wait_readable = trio.lowlevel.wait_readable
+    backoff = 0.0
+    stats = listener.stats
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            await wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, addr = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT_ERRNOS:
+                        continue
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        backoff = min(1.0, backoff * 2 or 0.01)
+                        log.error(
+                            "accept_failed",
+                            listener=listener.name,
+                            error=exc.strerror,
+                            backoff_s=backoff,
+                        )
+                        await trio.sleep(backoff)
+                        break
+                    raise
+                backoff = 0.0
+                if listener.config.accept_proxy_protocol:
+                    # The client's own address comes in the PROXY header: the ACL and the
+                    # limits apply to it once it is read; here only the peer is vetted.
+                    trusted = listener.proxy_from
+                    refusal = None if trusted is None or trusted.allows(addr[0]) else "denied"
+                else:
+                    refusal = admit(listener, addr[0], now)
+                if refusal is not None:
+                    _refuse(conn)
+                    stats.outcomes[refusal] = stats.outcomes.get(refusal, 0) + 1
+                    if listener.access_log:
+                        log_connection(listener, addr, None, 0, 0, now, refusal)
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(*nodelay)
+                stats.active += 1
+                ctx.nursery.start_soon(_handle, listener, conn, addr, ctx, now)
+            else:
+                await trio.lowlevel.checkpoint()
+    except trio.ClosedResourceError:
+        return
+
+
+async def _handle(
+    listener: ListenerRuntime,
+    conn: socket.socket,
+    addr: tuple[str, int],
+    ctx: ConnectionContext,
+    started: float,
+) -> None:
+    """One admitted connection: optional PROXY header and TLS, then L4 or L7."""
+    config = listener.config
+    if not config.accept_proxy_protocol and config.tls is None and config.mode == "tcp":
+        await _proxy_tcp(listener, conn, addr, ctx, started, b"")
+        return
+    client = addr
+    early = b""
+    if config.accept_proxy_protocol:
+        try:
+            client, early = await _read_proxy_header(listener, conn)
+        except (ProxyProtocolError, OSError, trio.TooSlowError) as exc:
+            listener.stats.active -= 1
+            listener.stats.outcomes["error"] += 1
+            _refuse(conn)
+            log.info("proxy_header_rejected", listener=listener.name, peer=addr[0], error=str(exc))
+            return
+        refusal = admit(listener, client[0], trio.current_time())
+        if refusal is not None:
+            listener.stats.active -= 1
+            listener.stats.outcomes[refusal] = listener.stats.outcomes.get(refusal, 0) + 1
+            _refuse(conn)
+            log_connection(listener, client, None, 0, 0, started, refusal)
+            return
+    if config.tls is None and config.mode == "tcp":
+        await _proxy_tcp(listener, conn, client, ctx, started, early)
+        return
+    await _handle_stream(listener, conn, client, ctx, started, early)
+
+
+async def _read_proxy_header(
+    listener: ListenerRuntime, conn: socket.socket
+) -> tuple[tuple[str, int], bytes]:
+    """Read the PROXY v1/v2 header the peer in front must send.
+
+    Returns the client address it carries (the peer's own for LOCAL/UNKNOWN) and the bytes
+    that followed it. Raises ``ProxyProtocolError``, ``OSError`` or ``trio.TooSlowError``.
+    """
+    parser = ProxyHeaderParser()
+    peer = conn.getpeername()
+    with trio.fail_after(PROXY_HEADER_TIMEOUT):
+        while True:
+            await trio.lowlevel.wait_readable(conn)
+            try:
+                data = conn.recv(4096)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise ProxyProtocolError("connection closed before a complete PROXY header")
+            info = parser.feed(data)
+            if info is not None:
+                source = info.source if info.source is not None else (peer[0], peer[1])
+                return (source[0], source[1]), parser.remainder
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    """Write ``data`` to a non-blocking socket, waiting for room as needed."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]
+
+
+def _proxy_header(version: str, client: tuple[str, int], local: tuple[str, int]) -> bytes:
+    if version == "v1":
+        return encode_v1(client, local)
+    return encode_v2(client, local)
+
+
+async def _connect(
+    listener: ListenerRuntime,
+    client: tuple[str, int],
+    conn_local: Callable[[], tuple[str, int]],
+    early: bytes,
+) -> tuple[socket.socket, NodeState]:
+    """Connect to a node of the listener's upstream and send what must precede the relay
+    (the PROXY header and bytes read ahead). Raises ``GatewayError`` or ``OSError``."""
+    upstream_name = listener.config.upstream
+    assert upstream_name is not None
+    upstream = listener.upstreams[upstream_name]
+    node_sock, node = await open_node_connection(upstream, client[0].encode())
+    try:
+        prefix = early
+        if upstream.config.proxy_protocol != "off":
+            local = conn_local()
+            prefix = _proxy_header(upstream.config.proxy_protocol, client, local) + early
+        if prefix:
+            await _send_all(node_sock, prefix)
+    except BaseException:
+        node.active -= 1
+        node_sock.close()
+        raise
+    return node_sock, node
+
+
+async def _proxy_tcp(
+    listener: ListenerRuntime,
+    conn: socket.socket,
+    client: tuple[str, int],
+    ctx: ConnectionContext,
+    started: float,
+    early: bytes,
+) -> None:
+    """L4 over plain TCP: connect a node, then splice both ways until both sides are done."""
+    stats = listener.stats
+    try:
+        node_sock, node = await _connect(listener, client, conn.getsockname, early)
+    except BaseException as exc:
+        stats.active -= 1
+        outcome = exc.outcome if isinstance(exc, GatewayError) else "error"
+        stats.outcomes[outcome] += 1
+        conn.close()
+        log_connection(listener, client, None, len(early), 0, started, outcome, str(exc))
+        if not isinstance(exc, (GatewayError, OSError)):
+            raise
+        return
+    upstream_name = listener.config.upstream
+    assert upstream_name is not None
+    idle_timeout = listener.upstreams[upstream_name].config.idle_timeout
+    sweeper = ctx.sweeper
+
+    def finish(relay: Relay) -> None:
+        sweeper.discard(relay)
+        node.active -= 1
+        stats.active -= 1
+        stats.bytes_in += relay.bytes_in
+        stats.bytes_out += relay.bytes_out
+        stats.outcomes["proxied"] += 1
+        if listener.access_log:
+            log_connection(
+                listener, client, node, relay.bytes_in + len(early), relay.bytes_out, started,
+                "proxied", relay.reason,
+            )
+
+    if HAVE_SPLICE:
+        relay = SocketRelay(conn, node_sock, idle_timeout, finish)
+        sweeper.add(relay)
+        await relay.run(ctx.nursery, ctx.pool)
+    else:
+        stream_relay = StreamRelay(
+            trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
+            trio.SocketStream(trio.socket.from_stdlib_socket(node_sock)),
+            idle_timeout,
+            finish,
+        )
+        sweeper.add(stream_relay)
+        await stream_relay.run(ctx.nursery)
+
+
+async def _handle_stream(
+    listener: ListenerRuntime,
+    conn: socket.socket,
+    client: tuple[str, int],
+    ctx: ConnectionContext,
+    started: float,
+    early: bytes,
+) -> None:
+    """TLS termination and/or L7: wrap the socket in a trio stream and hand it on."""
+    stats = listener.stats
+    config = listener.config
+    stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    if early:
+        stream = _PrefixedStream(stream, early)
+    try:
+        if config.tls is not None:
+            from .tls import server_context_for
+
+            context = server_context_for(config.tls, http=config.mode == "http")
+            tls_stream = trio.SSLStream(stream, context, server_side=True)
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await tls_stream.do_handshake()
+            stream = tls_stream
+    except BaseException as exc:
+        stats.active -= 1
+        stats.outcomes["error"] += 1
+        await trio.aclose_forcefully(stream)
+        log_connection(listener, client, None, 0, 0, started, "error", f"tls: {exc!r}")
+        if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
+            raise
+        return
+    if config.mode == "http":
+        from .http.proxy import serve_http_connection
+
+        try:
+            await serve_http_connection(listener, stream, client, tls=config.tls is not None)
+        finally:
+            stats.active -= 1
+        return
+    await _relay_stream(listener, stream, conn, client, ctx, started)
+
+
+async def _relay_stream(
+    listener: ListenerRuntime,
+    stream: trio.abc.Stream,
+    conn: socket.socket,
+    client: tuple[str, int],
+    ctx: ConnectionContext,
+    started: float,
+) -> None:
+    """L4 with TLS terminated here: copy loop between the TLS stream and the node."""
+    stats = listener.stats
+    try:
+        node_sock, node = await _connect(listener, client, conn.getsockname, b"")
+    except BaseException as exc:
+        stats.active -= 1
+        outcome = exc.outcome if isinstance(exc, GatewayError) else "error"
+        stats.outcomes[outcome] += 1
+        await trio.aclose_forcefully(stream)
+        log_connection(listener, client, None, 0, 0, started, outcome, str(exc))
+        if not isinstance(exc, (GatewayError, OSError)):
+            raise
+        return
+    upstream_name = listener.config.upstream
+    assert upstream_name is not None
+    sweeper = ctx.sweeper
+
+    def finish(relay: Relay) -> None:
+        sweeper.discard(relay)
+        node.active -= 1
+        stats.active -= 1
+        stats.bytes_in += relay.bytes_in
+        stats.bytes_out += relay.bytes_out
+        stats.outcomes["proxied"] += 1
+        log_connection(
+            listener, client, node, relay.bytes_in, relay.bytes_out, started, "proxied",
+            relay.reason,
+        )
+
+    relay = StreamRelay(
+        stream,
+        trio.SocketStream(trio.socket.from_stdlib_socket(node_sock)),
+        listener.upstreams[upstream_name].config.idle_timeout,
+        finish,
+    )
+    sweeper.add(relay)
+    await relay.run(ctx.nursery)
+
+
+class _PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream that first yields bytes already read from it (after a PROXY header)."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self.inner = inner
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,86 @@
+"""Running state of listeners: counters kept on the hot path and read by /metrics and /status.
+
+No I/O. Counters are plain integers on slotted objects: the data path adds to them, the admin
+endpoint renders them. ``ListenerStats`` objects are kept by listener name across reloads so
+that Prometheus counters never go backwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from .acl import SourceACL
+    from .config import ListenerConfig
+    from .ratelimit import RateLimiter
+    from .upstream import UpstreamRuntime
+
+#: ``l4gw_connections_total`` outcomes (SPEC).
+OUTCOMES = ("proxied", "denied", "rate_limited", "no_healthy_node", "connect_failed", "error")
+
+#: Bucket upper bounds of ``l4gw_request_duration_seconds``.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """A Prometheus-style histogram with fixed buckets (counts are not cumulative here)."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        index = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
+        self.count += 1
+        self.total += value
+
+
+class ListenerStats:
+    """Counters of one listener name, kept across reloads."""
+
+    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "outcomes", "requests")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        #: (route name, status) -> count, http mode.
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations = Histogram()
+
+
+@attrs.define(eq=False)
+class ListenerRuntime:
+    """What the accept loop and connection handlers of one listener read for each connection.
+
+    A reload replaces ``config``, ``acl``, ``rate_limiter`` and ``upstreams`` on this object
+    (connections look them up per connection, never cache them across connections).
+    """
+
+    config: ListenerConfig
+    stats: ListenerStats
+    acl: SourceACL
+    rate_limiter: RateLimiter
+    upstreams: Mapping[str, UpstreamRuntime]
+    #: Peers allowed to send a PROXY header (``proxy_protocol_from``); None = any peer.
+    proxy_from: SourceACL | None = None
+    access_log: bool = True
+    #: Set by the daemon while draining: handlers stop keep-alive and close after the response.
+    draining: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
