@@ -106,7 +106,7 @@ async def serve_admin(
     sock: socket.socket,
     handlers: AdminHandlers,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint on an already bound, listening ``sock`` forever."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))

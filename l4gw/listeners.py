@@ -16,7 +16,6 @@ from collections.abc import Callable
 import structlog
 import trio
 
-from .config import ListenerConfig
 from .connect import open_node_connection
 from .errors import GatewayError
 from .netaddr import SocketAddress
@@ -71,7 +70,8 @@ def bind_listener(
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(f"listener {name}: cannot listen on {address}: {exc.strerror or exc}") from exc
+        reason = exc.strerror or str(exc)
+        raise BindError(f"listener {name}: cannot listen on {address}: {reason}") from exc
     return sock
 
 
@@ -125,8 +125,10 @@ def admit(listener: ListenerRuntime, ip: str, now: float) -> str | None:
     if not listener.acl.is_open and not listener.acl.allows(ip):
         return "denied"
     config = listener.config
-    if config.mode == "tcp" and listener.rate_limiter.enabled and not listener.rate_limiter.allow(
-        ip, now
+    if (
+        config.mode == "tcp"
+        and listener.rate_limiter.enabled
+        and not listener.rate_limiter.allow(ip, now)
     ):
         return "rate_limited"
     if config.max_connections and listener.stats.active >= config.max_connections:
@@ -339,8 +341,14 @@ async def _proxy_tcp(
         stats.outcomes["proxied"] += 1
         if listener.access_log:
             log_connection(
-                listener, client, node, relay.bytes_in + len(early), relay.bytes_out, started,
-                "proxied", relay.reason,
+                listener,
+                client,
+                node,
+                relay.bytes_in + len(early),
+                relay.bytes_out,
+                started,
+                "proxied",
+                relay.reason,
             )
 
     if HAVE_SPLICE:
@@ -433,7 +441,13 @@ async def _relay_stream(
         stats.bytes_out += relay.bytes_out
         stats.outcomes["proxied"] += 1
         log_connection(
-            listener, client, node, relay.bytes_in, relay.bytes_out, started, "proxied",
+            listener,
+            client,
+            node,
+            relay.bytes_in,
+            relay.bytes_out,
+            started,
+            "proxied",
             relay.reason,
         )
 
@@ -454,7 +468,7 @@ class _PrefixedStream(trio.abc.HalfCloseableStream):
         self.inner = inner
         self.prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self.prefix:
             data, self.prefix = self.prefix, b""
             await trio.lowlevel.checkpoint()

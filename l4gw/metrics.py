@@ -84,11 +84,14 @@ def render_metrics(
     for up in ups:
         for node in up.all_nodes():
             w.sample(
-                "l4gw_node_connect_failures_total", node.connect_failures,
-                upstream=up.name, node=node.key,
+                "l4gw_node_connect_failures_total",
+                node.connect_failures,
+                upstream=up.name,
+                node=node.key,
             )
     w.family(
-        "l4gw_unauthorized_nodes_dropped_total", "counter",
+        "l4gw_unauthorized_nodes_dropped_total",
+        "counter",
         "Nodes dropped because backend authorization does not permit them.",
     )
     for up in ups:

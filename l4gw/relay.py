@@ -215,6 +215,14 @@ class SocketRelay(Relay):
         await splice_pump(self, self.client, self.node, pool, False)
 
 
+#: Reads up to this size go through one buffer shared by every pump (the event loop is single
+#: threaded and a pump sends what it read before it awaits anything, so the buffer is free again
+#: at every await). A read that fills it marks a bulk flow, which switches to splice.
+SMALL_READ = 64 * 1024
+_shared_buffer = bytearray(SMALL_READ)
+_shared_view = memoryview(_shared_buffer)
+
+
 async def splice_pump(
     relay: SocketRelay,
     src: socket.socket,
@@ -224,10 +232,80 @@ async def splice_pump(
 ) -> None:
     """Move bytes from ``src`` to ``dst`` until EOF, error or abort; then ``pump_done``.
 
-    The pipe is always drained before the next read, so EAGAIN from splice(socket → pipe)
-    means the socket is empty: wait for readable. EAGAIN while draining means ``dst`` is full:
-    wait for writable. The pipe is returned to the pool before any wait for readable.
+    Adaptive, like HAProxy's ``splice-auto``: small messages are copied through the shared
+    buffer (``recv_into`` + ``send``: no pipe, fewer and cheaper syscalls), and once a read fills
+    the whole buffer the direction switches to zero-copy ``splice`` for the rest of its life.
+
+    A short read means the socket is (almost surely) drained, so the pump waits for readable
+    at once instead of probing for EAGAIN. In splice mode the pipe is always drained before the
+    next read, so EAGAIN from splice(socket → pipe) means the socket is empty; EAGAIN while
+    draining means ``dst`` is full. The pipe is returned to the pool before any wait for
+    readable, so idle connections hold no pipe. Unsent bytes of a partial ``send`` are copied
+    out of the shared buffer before waiting for writable.
     """
+    wait_readable = trio.lowlevel.wait_readable
+    wait_writable = trio.lowlevel.wait_writable
+    recv_into = src.recv_into
+    send = dst.send
+    view = _shared_view
+    try:
+        # Copy mode.
+        while True:
+            try:
+                n = recv_into(_shared_buffer)
+            except BlockingIOError:
+                await wait_readable(src)
+                if relay.closed:
+                    return
+                continue
+            if n == 0:
+                dst.shutdown(socket.SHUT_WR)
+                return
+            if to_client:
+                relay.bytes_out += n
+            else:
+                relay.bytes_in += n
+            try:
+                sent = send(view[:n])
+            except BlockingIOError:
+                sent = 0
+            if sent < n:
+                pending = bytes(view[sent:n])
+                while pending:
+                    await wait_writable(dst)
+                    if relay.closed:
+                        return
+                    try:
+                        pending = pending[send(pending) :]
+                    except BlockingIOError:
+                        pass
+            if n == SMALL_READ and HAVE_SPLICE:
+                break
+            await wait_readable(src)
+            if relay.closed:
+                return
+        await _splice_loop(relay, src, dst, pool, to_client)
+    except trio.ClosedResourceError:
+        pass  # aborted while waiting (notify_closing)
+    except OSError as exc:
+        if not relay.closed:
+            side = "client" if src is relay.client else "node"
+            relay.abort(
+                f"{side} {errno.errorcode.get(exc.errno or 0, str(exc))}",
+                reset=exc.errno in _RESET_ERRNOS,
+            )
+    finally:
+        relay.pump_done()
+
+
+async def _splice_loop(
+    relay: SocketRelay,
+    src: socket.socket,
+    dst: socket.socket,
+    pool: PipePool,
+    to_client: bool,
+) -> None:
+    """The bulk half of ``splice_pump``: zero-copy until EOF or abort. Raises ``OSError``."""
     splice = os.splice
     wait_readable = trio.lowlevel.wait_readable
     wait_writable = trio.lowlevel.wait_writable
@@ -274,21 +352,12 @@ async def splice_pump(
                 await trio.lowlevel.checkpoint()
                 if relay.closed:
                     return
-    except trio.ClosedResourceError:
-        pass  # aborted while waiting (notify_closing)
-    except OSError as exc:
-        if not relay.closed:
-            relay.abort(
-                ("client" if (src is relay.client) else "node") + f" {errno.errorcode.get(exc.errno or 0, exc)}",
-                reset=exc.errno in _RESET_ERRNOS,
-            )
     finally:
         if pipe is not None:
             if left:
                 pool.discard(pipe)
             else:
                 pool.release(pipe)
-        relay.pump_done()
 
 
 class StreamRelay(Relay):

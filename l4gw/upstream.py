@@ -122,20 +122,28 @@ class UpstreamRuntime:
         limit = self.config.max_connections_per_node
         eligible: Callable[[NodeState], bool]
         if limit:
+
             def eligible(node: NodeState) -> bool:
                 return node.healthy and node.active < limit and node not in tried
         elif tried:
+
             def eligible(node: NodeState) -> bool:
                 return node.healthy and node not in tried
         else:
+
             def eligible(node: NodeState) -> bool:
                 return node.healthy
+
         node = self.balancer.pick(self.nodes, eligible, client_key)
-        if node is None and self.config.health.fail_open and not any(
-            n.healthy and n.weight > 0 for n in self.nodes
+        if (
+            node is None
+            and self.config.health.fail_open
+            and not any(n.healthy and n.weight > 0 for n in self.nodes)
         ):
+
             def eligible_open(node: NodeState) -> bool:
                 return node not in tried and (not limit or node.active < limit)
+
             node = self.balancer.pick(self.nodes, eligible_open, client_key)
         return node
 

@@ -1,0 +1,237 @@
+"""Shared fixtures: the real daemon as a subprocess, loopback backends, free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def http_get(address: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """A minimal HTTP/1.0 GET (status, body) to ``host:port``."""
+    host, _, port = address.rpartition(":")
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+class RunningDaemon:
+    """``l4gw run`` started as a subprocess with a real config file on loopback ports."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], config_path: Path, log_path: Path, admin: str
+    ) -> None:
+        self.proc = proc
+        self.config_path = config_path
+        self.log_path = log_path
+        self.admin = admin
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        return await http_get(self.admin, path)
+
+    async def status(self) -> dict[str, Any]:
+        code, body = await self.get("/status")
+        assert code == 200
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of ``/metrics`` (0 if absent)."""
+        _, body = await self.get("/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in body.decode().splitlines():
+            if line.startswith(f"{name}{{") or line.startswith(f"{name} "):
+                sample, _, value = line.rpartition(" ")
+                inner = sample[len(name) :].strip("{}")
+                if all(part in inner.split(",") for part in want.split(",") if part):
+                    return float(value)
+        return 0.0
+
+    def stderr_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def logs(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines so far (optionally only one event)."""
+        lines = []
+        for line in self.stderr_text().splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if event is None or item.get("event") == event:
+                lines.append(item)
+        return lines
+
+    async def wait_log(
+        self, event: str, count: int = 1, timeout: float = 10.0, **fields: Any
+    ) -> list[dict[str, Any]]:
+        with trio.fail_after(timeout):
+            while True:
+                found = [
+                    e for e in self.logs(event) if all(e.get(k) == v for k, v in fields.items())
+                ]
+                if len(found) >= count:
+                    return found
+                await trio.sleep(0.02)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 15.0) -> int:
+        with trio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await trio.sleep(0.02)
+        code = self.proc.returncode
+        assert code is not None
+        return code
+
+    def write_config(self, text: str) -> None:
+        self.config_path.write_text(text)
+
+
+DaemonFactory = Callable[..., Awaitable[RunningDaemon]]
+
+
+@pytest.fixture
+def l4gw_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Start ``l4gw run`` with a config; it is stopped (by its PID) after the test.
+
+    The config text may use ``{admin}``: it is replaced by a free admin address, which the
+    fixture polls (``/healthz``) before returning.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+
+    async def start(config_text: str, *, wait: bool = True, name: str = "conf") -> RunningDaemon:
+        admin = f"127.0.0.1:{free_port()}"
+        config_path = tmp_path / f"{name}.toml"
+        config_path.write_text(config_text.replace("{admin}", admin))
+        log_path = tmp_path / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("L4GW_CONFIG", None)
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "l4gw", "run", "-c", str(config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+        started.append(proc)
+        daemon = RunningDaemon(proc, config_path, log_path, admin)
+        if wait:
+            with trio.fail_after(20):
+                while True:
+                    if proc.poll() is not None:
+                        raise AssertionError(
+                            f"l4gw exited {proc.returncode}:\n" + daemon.stderr_text()
+                        )
+                    try:
+                        code, _ = await http_get(admin, "/healthz", timeout=1)
+                        if code == 200:
+                            break
+                    except OSError:
+                        pass
+                    await trio.sleep(0.05)
+        return daemon
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+async def _named_echo(name: bytes, stream: trio.SocketStream) -> None:
+    """Backend behaviour: greet with the backend's name, then echo until EOF, then close."""
+    try:
+        await stream.send_all(name + b"\n")
+        while data := await stream.receive_some(1 << 16):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def start_named_backends(nursery: trio.Nursery, names: list[str]) -> list[int]:
+    """Start loopback TCP backends that greet with their name and echo; returns their ports."""
+    ports = []
+    for name in names:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, partial(_named_echo, name.encode()), 0, host="127.0.0.1")
+        )
+        ports.append(listeners[0].socket.getsockname()[1])
+    return ports
+
+
+async def open_client(
+    port: int, host: str = "127.0.0.1", source: str | None = None
+) -> trio.SocketStream:
+    """A plain TCP client stream (optionally bound to a source address such as 127.0.0.7)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if source is not None:
+            await sock.bind((source, 0))
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def read_line(stream: trio.abc.ReceiveStream, limit: int = 4096) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            break
+        data += chunk
+        assert len(data) <= limit
+    return data
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Callable[[list[str]], Awaitable[list[int]]]]:
+    """Start named echo backends for the duration of the test."""
+    async with trio.open_nursery() as nursery:
+
+        async def start(names: list[str]) -> list[int]:
+            return await start_named_backends(nursery, names)
+
+        yield start
+        nursery.cancel_scope.cancel()
