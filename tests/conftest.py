@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -235,3 +236,14 @@ async def backends() -> AsyncIterator[Callable[[list[str]], Awaitable[list[int]]
 
         yield start
         nursery.cancel_scope.cancel()
+
+
+def require_program(name: str) -> str:
+    """The path of a real peer program; skips the test when it is missing, except under
+    ``L4GW_REQUIRE_PEERS=1`` (set by ``.ci/run``), where a missing peer is a failure."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        if os.environ.get("L4GW_REQUIRE_PEERS") == "1":
+            pytest.fail(f"{name} is not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
