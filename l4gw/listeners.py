@@ -21,7 +21,15 @@ from .errors import GatewayError
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
-from .relay import HAVE_SPLICE, IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
+from .relay import (
+    HAVE_SPLICE,
+    IdleSweeper,
+    PipePool,
+    Relay,
+    SocketRelay,
+    StreamRelay,
+    splice_pump,
+)
 from .runtime import ListenerRuntime
 
 log = structlog.get_logger("l4gw.listener")
@@ -38,6 +46,8 @@ _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, er
 _LINGER_RESET = struct.pack("ii", 1, 0)
 #: How long a peer in front may take to send its whole PROXY header.
 PROXY_HEADER_TIMEOUT = 5.0
+#: One constant task name: trio would otherwise format a new name string for every task.
+_TASK_NAME = "l4gw.connection"
 #: How long a TLS client may take to finish its handshake.
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
@@ -194,7 +204,13 @@ async def serve_listener(
                 conn.setblocking(False)
                 conn.setsockopt(*nodelay)
                 stats.active += 1
-                ctx.nursery.start_soon(_handle, listener, conn, addr, ctx, now)
+                config = listener.config
+                if config.mode == "tcp" and config.tls is None and not config.accept_proxy_protocol:
+                    ctx.nursery.start_soon(
+                        _proxy_tcp, listener, conn, addr, ctx, now, b"", name=_TASK_NAME
+                    )
+                else:
+                    ctx.nursery.start_soon(_handle, listener, conn, addr, ctx, now, name=_TASK_NAME)
             else:
                 await trio.lowlevel.checkpoint()
     except trio.ClosedResourceError:
@@ -354,7 +370,10 @@ async def _proxy_tcp(
     if HAVE_SPLICE:
         relay = SocketRelay(conn, node_sock, idle_timeout, finish)
         sweeper.add(relay)
-        await relay.run(ctx.nursery, ctx.pool)
+        # Node→client in a new task, client→node in this one (no extra frame kept per
+        # connection: this is what an idle connection's memory is made of).
+        ctx.nursery.start_soon(splice_pump, relay, node_sock, conn, ctx.pool, True, name=_TASK_NAME)
+        await splice_pump(relay, conn, node_sock, ctx.pool, False)
     else:
         stream_relay = StreamRelay(
             trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
