@@ -379,14 +379,19 @@ class Daemon:
             if name in keep:
                 lc = keep[name]
                 runtime = item.runtime
-                runtime.config = lc
                 runtime.acl = SourceACL(lc.allow, lc.deny)
-                runtime.rate_limiter = RateLimiter(lc.rate_limit, lc.rate_limit_burst)
+                if (lc.rate_limit, lc.rate_limit_burst) != (
+                    runtime.config.rate_limit,
+                    runtime.config.rate_limit_burst,
+                ):
+                    # Same limits: the buckets (and what each source has used) carry over.
+                    runtime.rate_limiter = RateLimiter(lc.rate_limit, lc.rate_limit_burst)
                 runtime.proxy_from = (
                     SourceACL(lc.proxy_protocol_from) if lc.proxy_protocol_from else None
                 )
                 runtime.access_log = new.daemon.access_log
                 runtime.upstreams = self.upstreams
+                runtime.config = lc
                 listening[name] = item
             else:
                 item.close()
