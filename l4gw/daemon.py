@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,13 @@ from . import __version__
 from .acl import BackendAuthorization, SourceACL
 from .admin import AdminHandlers, serve_admin
 from .config import Config, ConfigError, ListenerConfig, load_config, unsupported
+from .discovery import discovery_stats, serve_discovery
+from .health import find_monitor, node_status, nodes_changed, serve_health
 from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
 from .logs import configure_logging
 from .metrics import render_metrics
 from .netaddr import SocketAddress
+from .nodes import NodeState
 from .ratelimit import RateLimiter
 from .relay import IdleSweeper, PipePool
 from .runtime import ListenerRuntime, ListenerStats
@@ -38,7 +41,27 @@ from .upstream import UpstreamRuntime
 log = structlog.get_logger("l4gw.daemon")
 
 #: Features whose keys ``check``/``run`` refuse with "not supported yet" (see config.unsupported).
-NOT_BUILT: frozenset[str] = frozenset({"tls", "http", "discovery", "health", "workers"})
+NOT_BUILT: frozenset[str] = frozenset({"tls", "http", "workers"})
+
+
+MetricFamily = tuple[str, str, str, list[tuple[dict[str, object], float]]]
+
+#: as_dict() key -> (metric name, help) for the health monitor and discovery counters.
+HEALTH_COUNTERS = {
+    "checks_total": ("l4gw_health_checks_total", "Active health checks run."),
+    "checks_failed_total": ("l4gw_health_checks_failed_total", "Active health checks failed."),
+    "ejections_total": ("l4gw_ejections_total", "Passive ejections of nodes."),
+    "ejections_refused_total": (
+        "l4gw_ejections_refused_total",
+        "Ejections not made because max_ejected_percent was reached.",
+    ),
+}
+DISCOVERY_COUNTERS = {
+    "lookups_total": ("l4gw_discovery_lookups_total", "DNS discovery lookups."),
+    "failures_total": ("l4gw_discovery_failures_total", "DNS lookups that failed."),
+    "empty_total": ("l4gw_discovery_empty_total", "DNS answers with no usable address."),
+    "changes_total": ("l4gw_discovery_changes_total", "DNS answers that changed the node set."),
+}
 
 
 def config_problems(config: Config) -> list[str]:
@@ -123,6 +146,8 @@ class Daemon:
         self._hard_stop = trio.Event()
         self._ctx: ConnectionContext | None = None
         self._services: trio.Nursery | None = None
+        #: (upstream name, "health" | "discovery") -> the cancel scope of that task.
+        self._upstream_tasks: dict[tuple[str, str], trio.CancelScope] = {}
 
     # -- building runtime state from config ---------------------------------------------
 
@@ -215,9 +240,13 @@ class Daemon:
                         await services.start(serve_admin, admin_sock, handlers)
                     async with trio.open_nursery() as connections:
                         self._ctx = ConnectionContext(connections, self.pool, self.sweeper)
+                        # Discovery reports started after its first lookup, so the nodes it
+                        # finds exist before the first connection is accepted.
+                        for up in self.upstreams.values():
+                            for kind, serve in self._upstream_services(up):
+                                await services.start(self._upstream_task, up, kind, serve)
                         for item in self.listening.values():
                             self._start_accepting(item)
-                        self._start_upstream_services()
                         log.info(
                             "started",
                             version=__version__,
@@ -250,8 +279,50 @@ class Daemon:
 
         self._services.start_soon(accept_loop)
 
+    @staticmethod
+    def _upstream_services(
+        up: UpstreamRuntime,
+    ) -> list[tuple[str, Callable[..., Awaitable[object]]]]:
+        """The background tasks an upstream needs: health always (it also runs passive
+        ejection), discovery when configured."""
+        services: list[tuple[str, Callable[..., Awaitable[object]]]] = [("health", serve_health)]
+        if up.config.discovery is not None:
+            services.insert(0, ("discovery", serve_discovery))
+        return services
+
+    async def _upstream_task(
+        self,
+        up: UpstreamRuntime,
+        kind: str,
+        serve: Callable[..., Awaitable[object]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one health or discovery task of ``up`` under a scope a reload can cancel."""
+        key = (up.name, kind)
+        scope = trio.CancelScope()
+        self._upstream_tasks[key] = scope
+        try:
+            with scope:
+                await serve(up, task_status=task_status)
+        finally:
+            if self._upstream_tasks.get(key) is scope:
+                del self._upstream_tasks[key]
+
     def _start_upstream_services(self) -> None:
-        """Start health checks and DNS discovery for the upstreams (wired by later issues)."""
+        """After a reload: start the tasks new upstreams need, stop those of removed ones."""
+        if self._services is None:
+            return
+        for (name, kind), scope in list(self._upstream_tasks.items()):
+            up = self.upstreams.get(name)
+            if up is None or (kind == "discovery" and up.config.discovery is None):
+                scope.cancel()
+                del self._upstream_tasks[(name, kind)]
+        for up in self.upstreams.values():
+            for kind, serve in self._upstream_services(up):
+                if (up.name, kind) not in self._upstream_tasks:
+                    self._services.start_soon(self._upstream_task, up, kind, serve)
+            nodes_changed(up)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -424,32 +495,50 @@ class Daemon:
                 }
                 for name, item in self.listening.items()
             ],
-            "upstreams": [
-                {
-                    "name": up.name,
-                    "balance": up.config.balance,
-                    "nodes": [self._node_status(node) for node in up.all_nodes()],
-                }
-                for up in self.upstreams.values()
-            ],
+            "upstreams": [self._upstream_status(up) for up in self.upstreams.values()],
         }
 
-    def _node_status(self, node: Any) -> dict[str, Any]:
-        state = "up" if node.healthy else "down"
-        if not node.in_service or node.weight == 0:
-            state = "draining"
+    def _node_status(self, node: NodeState) -> dict[str, Any]:
         return {
             "address": node.key,
             "weight": node.weight,
-            "healthy": node.healthy,
-            "state": state,
             "active_connections": node.active,
             "connections_total": node.connections_total,
             "connect_failures": node.connect_failures,
             "source": node.source,
-            "last_check": None,
-            "since": None,
+            **node_status(node),
         }
+
+    def _upstream_status(self, up: UpstreamRuntime) -> dict[str, Any]:
+        monitor = find_monitor(up)
+        discovery = discovery_stats(up)
+        return {
+            "name": up.name,
+            "balance": up.config.balance,
+            "health_check": up.config.health.check,
+            "nodes": [self._node_status(node) for node in up.all_nodes()],
+            "health": monitor.as_dict() if monitor is not None else None,
+            "discovery": discovery.as_dict() if discovery is not None else None,
+            "unauthorized_dropped": up.unauthorized_dropped,
+        }
+
+    def _subsystem_metrics(self) -> list[MetricFamily]:
+        """Counter families of the health monitors and DNS discovery, one sample per upstream."""
+        families: list[MetricFamily] = []
+        sources: list[tuple[Callable[[UpstreamRuntime], Any], dict[str, tuple[str, str]]]] = [
+            (find_monitor, HEALTH_COUNTERS),
+            (discovery_stats, DISCOVERY_COUNTERS),
+        ]
+        for find, counters in sources:
+            found = [(up.name, find(up)) for up in self.upstreams.values()]
+            for key, (name, help_text) in counters.items():
+                samples: list[tuple[dict[str, object], float]] = [
+                    ({"upstream": up_name}, obj.as_dict()[key])
+                    for up_name, obj in found
+                    if obj is not None
+                ]
+                families.append((name, "counter", help_text, samples))
+        return families
 
     def metrics_text(self) -> str:
         return render_metrics(
@@ -483,5 +572,6 @@ class Daemon:
                     "1 while the daemon drains before stopping.",
                     [({}, int(self.draining))],
                 ),
+                *self._subsystem_metrics(),
             ],
         )

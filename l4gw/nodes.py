@@ -7,6 +7,7 @@ and counters survive.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import attrs
@@ -35,6 +36,31 @@ class NodeState:
     #: Counters for /status and metrics.
     connections_total: int = 0
     connect_failures: int = 0
+    # -- health checking, owned by l4gw.health (docs/health.md). ``healthy`` above is
+    # ``check_up and ejected_until is None``, kept in step by the health monitor.
+    #: Verdict of the active checks (always True while ``check = "none"``).
+    check_up: bool = True
+    #: Consecutive passing and failing active checks (at most one of them is non-zero;
+    #: both zero = no check history, so the next result decides the state at once).
+    check_passes: int = 0
+    check_failures: int = 0
+    #: The last active check's result ("status 200", "connect refused", "timeout after 2s")
+    #: and when it finished (wall clock, epoch seconds; 0 = never checked).
+    last_check: str = ""
+    last_check_at: float = 0.0
+    #: Consecutive connect failures on live traffic (reset by a successful connect).
+    passive_failures: int = 0
+    #: Passive ejection: when the current ejection ends (``trio.current_time()`` clock; None =
+    #: not ejected), the ejection multiplier (ejections in a row), and when the last
+    #: ejection started and ended (same clock).
+    ejected_until: float | None = None
+    ejections: int = 0
+    ejected_at: float = 0.0
+    rejoined_at: float = 0.0
+    #: Why the node is in its health state ("" = not seen by a health monitor yet) and since
+    #: when (wall clock, epoch seconds).
+    health_reason: str = ""
+    health_since: float = attrs.field(factory=time.time)
 
     @property
     def key(self) -> str:
