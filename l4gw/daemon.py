@@ -79,6 +79,10 @@ def load_usable_config(path: str | os.PathLike[str]) -> Config:
 
 
 def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, SocketAddress):
+        return str(value)  # "host:port", as written in the file
+    if attrs.has(type(value)):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in attrs.fields(type(value))}
     if isinstance(value, dict):
         return {str(k): _to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -89,9 +93,8 @@ def _to_jsonable(value: Any) -> Any:
 
 
 def config_as_dict(config: Config) -> dict[str, Any]:
-    """The running configuration as plain JSON-able data (for ``/config``)."""
-    data = attrs.asdict(config, recurse=True)
-    result = _to_jsonable(data)
+    """The running configuration as plain JSON-able data (``/config``, ``check --diff``)."""
+    result = _to_jsonable(config)
     assert isinstance(result, dict)
     return result
 
