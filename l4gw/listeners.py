@@ -16,6 +16,7 @@ from collections.abc import Callable
 import structlog
 import trio
 
+from . import logs
 from .connect import open_node_connection
 from .errors import GatewayError
 from .netaddr import SocketAddress
@@ -33,7 +34,6 @@ from .relay import (
 from .runtime import ListenerRuntime
 
 log = structlog.get_logger("l4gw.listener")
-access = structlog.get_logger("l4gw.access")
 
 #: Connections accepted per wake-up before yielding to the other tasks.
 ACCEPT_BATCH = 64
@@ -117,7 +117,7 @@ def log_connection(
     """The access line of one TCP connection (SPEC fields), if access logging is on."""
     if not listener.access_log:
         return
-    access.info(
+    logs.access.info(
         "connection",
         listener=listener.config.name,
         client=f"{client[0]}:{client[1]}",
@@ -193,6 +193,10 @@ async def serve_listener(
                     # limits apply to it once it is read; here only the peer is vetted.
                     trusted = listener.proxy_from
                     refusal = None if trusted is None or trusted.allows(addr[0]) else "denied"
+                    # Connections waiting for their header count towards max_connections too.
+                    maximum = listener.config.max_connections
+                    if refusal is None and maximum and stats.active >= maximum:
+                        refusal = "max_connections"
                 else:
                     refusal = admit(listener, addr[0], now)
                 if refusal is not None:
@@ -240,13 +244,16 @@ async def _handle(
             _refuse(conn)
             log.info("proxy_header_rejected", listener=listener.name, peer=addr[0], error=str(exc))
             return
+        # This connection is already counted in ``active``: admit() compares ``active`` with
+        # max_connections as for a connection not yet counted.
+        listener.stats.active -= 1
         refusal = admit(listener, client[0], trio.current_time())
         if refusal is not None:
-            listener.stats.active -= 1
             listener.stats.outcomes[refusal] = listener.stats.outcomes.get(refusal, 0) + 1
             _refuse(conn)
             log_connection(listener, client, None, 0, 0, started, refusal)
             return
+        listener.stats.active += 1
     if config.tls is None and config.mode == "tcp":
         await _proxy_tcp(listener, conn, client, ctx, started, early)
         return
@@ -291,6 +298,8 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
 
 
 def _proxy_header(version: str, client: tuple[str, int], local: tuple[str, int]) -> bytes:
+    # IPv6 socket addresses are 4-tuples (host, port, flowinfo, scope_id): keep (host, port).
+    client, local = (client[0], client[1]), (local[0], local[1])
     if version == "v1":
         return encode_v1(client, local)
     return encode_v2(client, local)

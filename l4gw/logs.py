@@ -16,26 +16,48 @@ LEVELS = {
 }
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Route every structlog logger to ``stream`` (stderr) at ``level`` in ``fmt``.
-
-    Safe to call again (a reload that changes the level or format takes effect at once for
-    every logger, because loggers are not cached).
-    """
-    out = stream if stream is not None else sys.stderr
+def _processors(fmt: str, out: TextIO) -> list[structlog.typing.Processor]:
     renderer: structlog.typing.Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
+    return [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+
+
+def _access_logger(fmt: str, out: TextIO) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
+        structlog.PrintLogger(out),
+        processors=_processors(fmt, out),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    return logger
+
+
+#: Access lines (``event="connection"`` / ``"request"``). Like nginx's and HAProxy's access
+#: logs they do not depend on ``log_level``: ``access_log = true`` writes them even at
+#: ``log_level = "warning"``. Use it as ``logs.access.info(...)`` (it is replaced on reload).
+access: structlog.typing.FilteringBoundLogger = _access_logger("json", sys.stderr)
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Route every structlog logger to ``stream`` (stderr) at ``level`` in ``fmt``, and the
+    access log to the same stream in the same format at any level.
+
+    Safe to call again (a reload that changes the level or format takes effect at once for
+    every logger, because loggers are not cached).
+    """
+    global access
+    out = stream if stream is not None else sys.stderr
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=_processors(fmt, out),
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    access = _access_logger(fmt, out)

@@ -429,3 +429,23 @@ def test_bind_failure_names_listener_and_address(tmp_path: os.PathLike[str]) -> 
     assert result.returncode == 1
     assert f"listener vpc-link: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+async def test_access_log_does_not_depend_on_log_level(
+    l4gw_daemon: DaemonFactory, backends: Backends, access_log: bool
+) -> None:
+    """As with nginx's and HAProxy's access logs: log_level = "warning" keeps access lines,
+    access_log = false removes them."""
+    with trio.fail_after(30):
+        (a,) = await backends(["a"])
+        port = free_port()
+        text = tcp_config([(a, 1)], port, daemon=f"access_log = {str(access_log).lower()}")
+        daemon = await l4gw_daemon(text.replace('log_level = "info"', 'log_level = "warning"'))
+        assert await greeting(port) == b"a"
+        while not await daemon.metric(
+            "l4gw_connections_total", listener="vpc-link", outcome="proxied"
+        ):
+            await trio.sleep(0.02)  # the connection has ended and been accounted for
+        assert daemon.logs("started") == []  # info-level events are filtered...
+        assert len(daemon.logs("connection")) == int(access_log)  # ...access lines are not
