@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import structlog
 import trio
 
 from . import __version__
@@ -27,7 +28,7 @@ def _print_problems(path: str, exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .daemon import config_problems
+    from .daemon import config_as_dict, config_problems
 
     path = config_path(args.config)
     try:
@@ -38,8 +39,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(path, exc)
         return 1
+    if args.diff:
+        return _print_diff(path, config_as_dict(config), args.admin or config.daemon.admin)
     print(f"{path}: valid")
     print(describe(config))
+    return 0
+
+
+def _print_diff(path: str, proposed: dict[str, object], admin: object) -> int:
+    """``check --diff``: what a reload of ``path`` would change in the running daemon."""
+    from .configdiff import diff_configs
+    from .statuscmd import StatusError, fetch_json
+
+    if admin is None:
+        print("l4gw: --diff needs the admin endpoint ([daemon] admin or --admin)", file=sys.stderr)
+        return 1
+    try:
+        running = fetch_json(str(admin), "/config", timeout=5.0)
+    except StatusError as exc:
+        print(f"l4gw: {exc}", file=sys.stderr)
+        return 1
+    lines = diff_configs(running, proposed)
+    print(f"{path}: valid; a reload would change {len(lines)} setting(s) of the daemon at {admin}")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 
@@ -47,6 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, load_usable_config
     from .listeners import BindError
     from .logs import configure_logging
+    from .resources import capacity_warnings, raise_nofile_limit
+    from .systemd import InheritedSockets
 
     path = config_path(args.config)
     try:
@@ -55,12 +80,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(path, exc)
         return 1
     configure_logging(config.daemon.log_level, config.daemon.log_format)
-    daemon = Daemon(config, config_path=path)
+    log = structlog.get_logger("l4gw.cli")
+    old, new = raise_nofile_limit()
+    expected = sum(lc.max_connections for lc in config.listeners) or 10_000
+    log.info("resources", nofile_soft=new, nofile_before=old, sized_for_connections=expected)
+    for warning in capacity_warnings(expected):
+        log.warning("capacity", message=warning)
+    inherited = InheritedSockets.from_environment()
+    daemon = Daemon(
+        config,
+        config_path=path,
+        inherited=lambda lc: inherited.take(lc.name, lc.listen),
+    )
     try:
         trio.run(daemon.run)
     except BindError as exc:
         print(f"l4gw: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for name in inherited.unclaimed():
+            log.warning("inherited_socket_unused", socket=name)
+        inherited.close()
     return 0
 
 
@@ -71,15 +111,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .statuscmd import fetch_status, format_status
+    from .statuscmd import run_status
 
-    try:
-        status = fetch_status(args.admin, timeout=5.0)
-    except OSError as exc:
-        print(f"l4gw: cannot reach the admin endpoint at {args.admin}: {exc}", file=sys.stderr)
-        return 1
-    print(format_status(status))
-    return 0
+    return run_status(args.admin, timeout=5.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("-c", "--config", help=f"config file ($L4GW_CONFIG, else {DEFAULT_CONFIG})")
+    check.add_argument(
+        "--diff",
+        action="store_true",
+        help="show what a reload would change in the running daemon (via its admin endpoint)",
+    )
+    check.add_argument("--admin", help="admin address for --diff (default: [daemon] admin)")
     check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="run demo backends and a gateway on loopback")
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
@@ -106,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `l4gw check | head`: the reader went away; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return result
 
 

@@ -22,7 +22,7 @@ import attrs
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, systemd
 from .acl import BackendAuthorization, SourceACL
 from .admin import AdminHandlers, serve_admin
 from .config import Config, ConfigError, ListenerConfig, load_config, unsupported
@@ -34,6 +34,7 @@ from .metrics import render_metrics
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .ratelimit import RateLimiter
+from .reactor import HAVE_REACTOR, Reactor
 from .relay import IdleSweeper, PipePool
 from .runtime import ListenerRuntime, ListenerStats
 from .upstream import UpstreamRuntime
@@ -142,6 +143,8 @@ class Daemon:
         self.listening: dict[str, _Listening] = {}
         self.pool = PipePool()
         self.sweeper = IdleSweeper()
+        #: Runs the plain-TCP connections (created by ``run``; None where there is no epoll).
+        self.reactor: Reactor | None = None
         self.reloads = 0
         self.reload_failures = 0
         self.admin_address: SocketAddress | None = None
@@ -190,6 +193,7 @@ class Daemon:
             sock = self.inherited(lc)
             if sock is not None:
                 sock.setblocking(False)
+                log.info("listener_inherited", listener=lc.name, address=str(lc.listen))
                 return sock
         return bind_listener(lc.name, lc.listen, reuse_port=self.reuse_port)
 
@@ -242,7 +246,14 @@ class Daemon:
                         )
                         await services.start(serve_admin, admin_sock, handlers)
                     async with trio.open_nursery() as connections:
-                        self._ctx = ConnectionContext(connections, self.pool, self.sweeper)
+                        if HAVE_REACTOR:
+                            # Cancelled with this nursery at the end of the drain: it then
+                            # closes every connection still open.
+                            self.reactor = Reactor(self.pool)
+                            connections.start_soon(self.reactor.run)
+                        self._ctx = ConnectionContext(
+                            connections, self.pool, self.sweeper, self.reactor
+                        )
                         # Discovery reports started after its first lookup, so the nodes it
                         # finds exist before the first connection is accepted.
                         for up in self.upstreams.values():
@@ -258,7 +269,11 @@ class Daemon:
                             },
                             admin=str(self.admin_address) if self.admin_address else None,
                         )
+                        interval = systemd.watchdog_interval()
+                        if interval is not None:
+                            services.start_soon(systemd.serve_watchdog, interval)
                         task_status.started(self)
+                        systemd.ready(self.summary())
                         if self.on_ready is not None:
                             self.on_ready(self)
                         await self._stop.wait()
@@ -269,6 +284,8 @@ class Daemon:
                     item.close()
                 if admin_sock is not None and admin_sock.fileno() >= 0:
                     admin_sock.close()
+                if self.reactor is not None:
+                    self.reactor.close()
                 self.pool.close()
         log.info("stopped")
 
@@ -335,6 +352,7 @@ class Daemon:
                 log.warning("stop_now", signal=signal.Signals(signum).name)
                 self._hard_stop.set()
             else:
+                systemd.stopping()
                 log.info(
                     "stopping",
                     signal=signal.Signals(signum).name,
@@ -386,22 +404,29 @@ class Daemon:
         if self.config_path is None:
             log.warning("reload_ignored", reason="no config file (embedded config)")
             return False
+        systemd.reloading()
         try:
-            new = load_usable_config(self.config_path)
+            return self._reload(self.config_path)
+        finally:
+            systemd.ready(self.summary())
+
+    def _reload(self, path: Path) -> bool:
+        try:
+            new = load_usable_config(path)
         except ConfigError as exc:
             self.reload_failures += 1
-            log.error("reload_rejected", file=str(self.config_path), problems=exc.problems)
+            log.error("reload_rejected", file=str(path), problems=exc.problems)
             return False
         try:
             self.apply(new)
         except BindError as exc:
             self.reload_failures += 1
-            log.error("reload_rejected", file=str(self.config_path), problems=[str(exc)])
+            log.error("reload_rejected", file=str(path), problems=[str(exc)])
             return False
         self.reloads += 1
         log.info(
             "reloaded",
-            file=str(self.config_path),
+            file=str(path),
             listeners=len(new.listeners),
             upstreams=len(new.upstreams),
         )
@@ -478,6 +503,15 @@ class Daemon:
 
     # -- visibility ---------------------------------------------------------------------
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: listeners, nodes up, connections."""
+        nodes = [node for up in self.upstreams.values() for node in up.nodes]
+        up_count = sum(1 for node in nodes if node.healthy and node.weight > 0)
+        return (
+            f"{len(self.listening)} listener(s), {up_count}/{len(nodes)} node(s) up, "
+            f"{self.active_connections()} connection(s)"
+        )
+
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         return {
@@ -513,6 +547,7 @@ class Daemon:
         }
 
     def _upstream_status(self, up: UpstreamRuntime) -> dict[str, Any]:
+        up.forget_retired()  # a node that left shows as draining only while it has connections
         monitor = find_monitor(up)
         discovery = discovery_stats(up)
         return {
@@ -544,6 +579,8 @@ class Daemon:
         return families
 
     def metrics_text(self) -> str:
+        for up in self.upstreams.values():
+            up.forget_retired()
         return render_metrics(
             self.stats,
             self.upstreams.values(),

@@ -49,17 +49,17 @@ def _split_admin(admin: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def fetch_status(admin: str, timeout: float) -> dict[str, Any]:
-    """``GET http://ADMIN/status`` and return the decoded JSON object.
+def fetch_json(admin: str, path: str, timeout: float) -> dict[str, Any]:
+    """``GET http://ADMIN/PATH`` and return the decoded JSON object.
 
     ``admin`` is ``"host:port"``, ``"[v6]:port"`` or either behind ``http://``. Raises
     ``StatusError`` naming the address and the cause (refused, timed out, not 200, not JSON).
     """
     host, port = _split_admin(admin)
-    where = f"http://{admin.removeprefix('http://').rstrip('/')}/status"
+    where = f"http://{admin.removeprefix('http://').rstrip('/')}{path}"
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", "/status", headers={"Accept": "application/json"})
+        conn.request("GET", path, headers={"Accept": "application/json"})
         response = conn.getresponse()
         body = response.read()
     except TimeoutError:
@@ -81,6 +81,11 @@ def fetch_status(admin: str, timeout: float) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise StatusError(f"{where}: the answer is not a JSON object")
     return document
+
+
+def fetch_status(admin: str, timeout: float) -> dict[str, Any]:
+    """``GET http://ADMIN/status`` (see ``fetch_json``)."""
+    return fetch_json(admin, "/status", timeout)
 
 
 def _text(value: object) -> str:

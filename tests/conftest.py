@@ -129,19 +129,27 @@ def l4gw_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     """
     started: list[subprocess.Popen[bytes]] = []
 
-    async def start(config_text: str, *, wait: bool = True, name: str = "conf") -> RunningDaemon:
+    async def start(
+        config_text: str,
+        *,
+        wait: bool = True,
+        name: str = "conf",
+        env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+    ) -> RunningDaemon:
         admin = f"127.0.0.1:{free_port()}"
         config_path = tmp_path / f"{name}.toml"
         config_path.write_text(config_text.replace("{admin}", admin))
         log_path = tmp_path / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("L4GW_CONFIG", None)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("L4GW_CONFIG", None)
+        command = [sys.executable, "-m", "l4gw", "run", "-c", str(config_path)]
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "l4gw", "run", "-c", str(config_path)],
+                [*(argv or []), *command],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=full_env,
                 cwd=REPO,
             )
         started.append(proc)
