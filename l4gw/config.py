@@ -258,7 +258,7 @@ class UpstreamConfig:
 
     name: str
     balance: Balance = "round_robin"
-    retries: int = 3
+    retries: int = 5
     connect_timeout: float = 3.0
     idle_timeout: float = 350.0
     proxy_protocol: ProxyProtocol = "off"
@@ -982,7 +982,7 @@ def _upstream(
     return UpstreamConfig(
         name=name,
         balance=t.get("balance", _choice(get_args(Balance)), "round_robin"),
-        retries=t.get("retries", _integer(1, 100), 3),
+        retries=t.get("retries", _integer(1, 100), 5),
         connect_timeout=t.get("connect_timeout", _positive, 3.0),
         idle_timeout=t.get("idle_timeout", _positive, 350.0),
         proxy_protocol=t.get("proxy_protocol", _choice(get_args(ProxyProtocol)), "off"),

@@ -109,7 +109,7 @@ def test_minimal_document_gets_the_defaults() -> None:
         ),
     )
     assert web.balance == "round_robin"
-    assert web.retries == 3
+    assert web.retries == 5  # the SPEC default
     assert web.health.check == "none"
     assert web.health.passive_failures == 3
     assert web.discovery is None
