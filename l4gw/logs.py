@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -30,29 +30,22 @@ def _processors(fmt: str, out: TextIO) -> list[structlog.typing.Processor]:
     ]
 
 
-def _access_logger(fmt: str, out: TextIO) -> structlog.typing.FilteringBoundLogger:
-    logger: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
-        structlog.PrintLogger(out),
-        processors=_processors(fmt, out),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
-    return logger
-
-
 #: Access lines (``event="connection"`` / ``"request"``). Like nginx's and HAProxy's access
 #: logs they do not depend on ``log_level``: ``access_log = true`` writes them even at
-#: ``log_level = "warning"``. Use it as ``logs.access.info(...)`` (it is replaced on reload).
-access: structlog.typing.FilteringBoundLogger = _access_logger("json", sys.stderr)
+#: ``log_level = "warning"``. A lazy proxy: it uses whatever processors and output are
+#: configured (also after a reload), with its own INFO-level filter.
+access: Any = structlog.wrap_logger(
+    None, wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
+)
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Route every structlog logger to ``stream`` (stderr) at ``level`` in ``fmt``, and the
-    access log to the same stream in the same format at any level.
+    """Route every structlog logger to ``stream`` (stderr) at ``level`` in ``fmt`` (the access
+    log too, at any level).
 
     Safe to call again (a reload that changes the level or format takes effect at once for
     every logger, because loggers are not cached).
     """
-    global access
     out = stream if stream is not None else sys.stderr
     structlog.configure(
         processors=_processors(fmt, out),
@@ -60,4 +53,3 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    access = _access_logger(fmt, out)

@@ -1,0 +1,344 @@
+"""Connections to nodes for http mode: connect with retries, TLS toward nodes, keep-alive pool.
+
+``node.active`` counts connections *in use* (a request on them): it is incremented when a
+connection is handed out by :meth:`NodePool.acquire` and decremented by
+:meth:`NodePool.release`, whether the connection goes back to the pool or is closed. Idle
+pooled connections do not count, so ``least_conn`` and ``max_connections_per_node`` see the
+load, not the pool.
+
+The pool:
+
+* keeps at most ``max_idle_per_node`` idle connections per node (newest reused first, the
+  oldest closed when full) and closes a connection idle for ``idle_timeout`` seconds (or the
+  upstream's ``idle_timeout`` if shorter). A sweeper runs as a trio system task, one per
+  ``trio.run``;
+* never takes back a connection after an error, a response with ``Connection: close``, an
+  unfinished exchange, a node that left the configuration, or a change of the upstream's TLS
+  settings;
+* checks a connection before reusing it (a non-blocking ``MSG_PEEK``): one the node closed,
+  or one with unexpected bytes waiting, is dropped and the next one (or a new one) is used.
+
+Connections to upstreams with ``proxy_protocol`` on are never pooled (the PROXY header names
+one client); :mod:`l4gw.http.proxy` keeps them private to the client connection.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Collection
+
+import structlog
+import trio
+
+from ..config import UpstreamTLSConfig
+from ..connect import connect_socket
+from ..errors import NoHealthyNode, UpstreamConnectError
+from ..nodes import NodeState
+from ..tls import client_context_for
+from ..upstream import UpstreamRuntime
+from .io import ByteIO, FdIO, StreamIO
+from .wire import ResponseReader
+
+__all__ = ["NodeConnection", "NodePool", "node_pool"]
+
+log = structlog.get_logger("l4gw.http")
+
+#: The largest response head accepted from a node (h11's default; nodes are trusted more
+#: than clients but big Set-Cookie heads exist).
+MAX_RESPONSE_HEAD = 64 * 1024
+#: Default idle time after which a pooled connection is closed (HAProxy's pool-purge-delay is
+#: 5 s; common node keep-alive timeouts are 5 s (Node.js) to 75 s (nginx)).
+POOL_IDLE_TIMEOUT = 15.0
+POOL_MAX_IDLE_PER_NODE = 64
+
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class NodeConnection:
+    """One connection to a node: its byte I/O and the parser of its responses.
+
+    Resource handling: :meth:`close` closes it at once (no TLS close_notify: the node sees a
+    TCP close, as with an idle timeout).
+    """
+
+    __slots__ = (
+        "held",
+        "idle_since",
+        "io",
+        "node",
+        "private",
+        "raw",
+        "reader",
+        "requests",
+        "sock",
+        "stream",
+        "tls_config",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        upstream: UpstreamRuntime,
+        node: NodeState,
+        *,
+        raw: socket.socket,
+        sock: trio.socket.SocketType,
+        stream: trio.abc.Stream | None,
+        tls_config: UpstreamTLSConfig | None,
+    ) -> None:
+        self.upstream = upstream
+        self.node = node
+        self.raw = raw
+        self.sock = sock
+        #: The TLS stream, or None for plain TCP (driven by file descriptor).
+        self.stream = stream
+        self.io: ByteIO = StreamIO(stream) if stream is not None else FdIO(raw)
+        self.tls_config = tls_config
+        self.reader = ResponseReader(max_head=MAX_RESPONSE_HEAD)
+        self.idle_since = 0.0
+        #: Requests sent on this connection so far (> 0 means it was reused).
+        self.requests = 0
+        #: True between acquire and release (``node.active`` counts it).
+        self.held = False
+        #: Opened with a PROXY header for one client: never goes back to the pool.
+        self.private = False
+
+    def close(self) -> None:
+        if self.raw.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.raw)
+        self.sock.close()
+
+    def usable(self) -> bool:
+        """False if the node closed the connection or sent bytes nobody asked for."""
+        if self.raw.fileno() < 0:
+            return False
+        try:
+            self.raw.recv(1, _PEEK_FLAGS)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # EOF, or bytes before any request
+
+
+class NodePool:
+    """Idle keep-alive connections per node, and the connect path (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        max_idle_per_node: int = POOL_MAX_IDLE_PER_NODE,
+        idle_timeout: float = POOL_IDLE_TIMEOUT,
+    ) -> None:
+        self.max_idle_per_node = max_idle_per_node
+        self.idle_timeout = idle_timeout
+        self._idle: dict[NodeState, list[NodeConnection]] = {}
+        self.reused = 0
+        self.opened = 0
+        self._sweeper_started = False
+
+    # -- acquiring ---------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        upstream: UpstreamRuntime,
+        client_key: bytes,
+        *,
+        fresh: bool = False,
+        prefix: bytes = b"",
+    ) -> NodeConnection:
+        """A connection to a node of ``upstream``: an idle pooled one, else a new one.
+
+        Nodes are picked by the upstream's balancer; a picked node with an idle connection
+        gets the request on it, otherwise a connection is opened, with up to ``retries``
+        attempts over distinct nodes as in :func:`l4gw.connect.open_node_connection`.
+        ``fresh`` skips the pool; ``prefix`` (a PROXY header) is sent first on a new
+        connection (and implies ``fresh``). The caller hands the connection to
+        :meth:`release` exactly once.
+
+        Raises ``NoHealthyNode`` or ``UpstreamConnectError``.
+        """
+        config = upstream.config
+        tried: list[NodeState] = []
+        last_error: str | None = None
+        use_pool = not fresh and not prefix
+        for _ in range(max(1, config.retries)):
+            node = upstream.pick(tried, client_key)
+            if node is None:
+                break
+            tried.append(node)
+            if use_pool:
+                conn = self._take_idle(node, upstream)
+                if conn is not None:
+                    node.active += 1
+                    conn.held = True
+                    self.reused += 1
+                    return conn
+            if not upstream.authorization.permits(node.address):
+                log.error("node_unauthorized", upstream=upstream.name, node=node.key)
+                continue
+            # Counted while connecting, so that concurrent requests see it (least_conn,
+            # max_connections_per_node); given back below if the attempt fails.
+            node.active += 1
+            try:
+                conn = await self._open(upstream, node, prefix)
+            except OSError as exc:
+                node.active -= 1
+                last_error = exc.strerror or str(exc)
+            except trio.BrokenResourceError as exc:
+                node.active -= 1
+                cause = exc.__cause__
+                last_error = f"TLS: {cause or exc}"
+            except BaseException:
+                node.active -= 1
+                raise
+            else:
+                conn.held = True
+                conn.private = bool(prefix)
+                node.connections_total += 1
+                self.opened += 1
+                upstream.connect_succeeded(node)
+                return conn
+            upstream.connect_failed(node)
+            log.info("connect_failed", upstream=upstream.name, node=node.key, error=last_error)
+        if last_error is None:
+            raise NoHealthyNode(f"upstream {upstream.name}: no node available")
+        raise UpstreamConnectError(
+            f"upstream {upstream.name}: {len(tried)} connect attempt(s) failed, last: {last_error}"
+        )
+
+    async def _open(
+        self, upstream: UpstreamRuntime, node: NodeState, prefix: bytes
+    ) -> NodeConnection:
+        config = upstream.config
+        raw = await connect_socket(node.address, config.connect_timeout)
+        sock = trio.socket.from_stdlib_socket(raw)
+        stream: trio.abc.Stream | None = None
+        try:
+            if prefix:
+                await FdIO(raw).send_all(prefix)
+            tls_config = config.tls
+            if tls_config is not None:
+                ssl_stream = trio.SSLStream(
+                    trio.SocketStream(sock),
+                    client_context_for(tls_config),
+                    server_hostname=tls_config.server_name or node.address.host,
+                    https_compatible=True,
+                )
+                with trio.move_on_after(config.connect_timeout) as scope:
+                    await ssl_stream.do_handshake()
+                if scope.cancelled_caught:
+                    raise TimeoutError(f"TLS handshake timed out after {config.connect_timeout:g}s")
+                stream = ssl_stream
+        except BaseException:
+            sock.close()
+            raise
+        self._start_sweeper()
+        return NodeConnection(
+            upstream, node, raw=raw, sock=sock, stream=stream, tls_config=config.tls
+        )
+
+    def _take_idle(self, node: NodeState, upstream: UpstreamRuntime) -> NodeConnection | None:
+        idle = self._idle.get(node)
+        if not idle:
+            return None
+        tls_config = upstream.config.tls
+        while idle:
+            conn = idle.pop()
+            if conn.tls_config is tls_config and conn.upstream is upstream and conn.usable():
+                return conn
+            conn.close()
+        return None
+
+    # -- releasing ---------------------------------------------------------------------
+
+    def release(self, conn: NodeConnection, *, reuse: bool) -> None:
+        """Give back a connection from :meth:`acquire`: pooled if ``reuse`` and clean, else
+        closed. ``reuse`` says the last exchange ended cleanly and the node keeps the
+        connection open. Decrements ``node.active`` either way. Releasing again does nothing,
+        so error paths may release unconditionally."""
+        if not conn.held:
+            return
+        conn.held = False
+        node = conn.node
+        node.active -= 1
+        if not (
+            reuse
+            and not conn.private
+            and node.in_service
+            and not conn.reader.buffer
+            and conn.tls_config is conn.upstream.config.tls
+            and self.max_idle_per_node > 0
+        ):
+            conn.close()
+            return
+        conn.reader.reset()
+        conn.idle_since = trio.current_time()
+        idle = self._idle.setdefault(node, [])
+        if len(idle) >= self.max_idle_per_node:
+            idle.pop(0).close()
+        idle.append(conn)
+
+    def discard(self, conn: NodeConnection) -> None:
+        """Close a connection from :meth:`acquire` (same as ``release(conn, reuse=False)``)."""
+        self.release(conn, reuse=False)
+
+    # -- maintenance -------------------------------------------------------------------
+
+    def idle_count(self, node: NodeState | None = None) -> int:
+        if node is not None:
+            return len(self._idle.get(node, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    def sweep(self, now: float) -> int:
+        """Close connections idle for too long, and those of nodes out of service."""
+        closed = 0
+        for node in list(self._idle):
+            idle = self._idle[node]
+            keep: list[NodeConnection] = []
+            for conn in idle:
+                limit = min(self.idle_timeout, conn.upstream.config.idle_timeout)
+                if node.in_service and now - conn.idle_since < limit:
+                    keep.append(conn)
+                else:
+                    conn.close()
+                    closed += 1
+            if keep:
+                self._idle[node] = keep
+            else:
+                del self._idle[node]
+        return closed
+
+    def close_idle(self, nodes: Collection[NodeState] | None = None) -> None:
+        """Close every idle connection (of ``nodes`` only, if given); e.g. when draining."""
+        for node in list(self._idle):
+            if nodes is None or node in nodes:
+                for conn in self._idle.pop(node):
+                    conn.close()
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper_started:
+            return
+        self._sweeper_started = True
+        trio.lowlevel.spawn_system_task(self._sweeper, name="l4gw.http.pool-sweeper")
+
+    async def _sweeper(self) -> None:
+        try:
+            while True:
+                await trio.sleep(max(0.5, min(self.idle_timeout / 4, 5.0)))
+                self.sweep(trio.current_time())
+        finally:
+            self.close_idle()
+
+
+_POOL: trio.lowlevel.RunVar[NodePool] = trio.lowlevel.RunVar("l4gw_http_pool")
+
+
+def node_pool() -> NodePool:
+    """The pool of the current ``trio.run`` (created on first use)."""
+    try:
+        return _POOL.get()
+    except LookupError:
+        pool = NodePool()
+        _POOL.set(pool)
+        return pool
