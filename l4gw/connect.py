@@ -69,9 +69,15 @@ async def open_node_connection(
         if not upstream.authorization.permits(node.address):
             log.error("node_unauthorized", upstream=upstream.name, node=node.key)
             continue
+        # Count the connection on the node from the pick on, not from the connect's end:
+        # concurrent picks (least_conn, random_two, max_connections_per_node) must see it.
+        node.active += 1
         try:
             sock = await connect_socket(node.address, config.connect_timeout)
-        except OSError as exc:
+        except BaseException as exc:
+            node.active -= 1
+            if not isinstance(exc, OSError):
+                raise
             last_error = exc
             upstream.connect_failed(node)
             log.info(
@@ -81,7 +87,6 @@ async def open_node_connection(
                 error=exc.strerror or str(exc),
             )
             continue
-        node.active += 1
         node.connections_total += 1
         upstream.connect_succeeded(node)
         return sock, node
