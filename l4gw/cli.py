@@ -80,17 +80,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(path, exc)
         return 1
     configure_logging(config.daemon.log_level, config.daemon.log_format)
+    worker = args.worker_index is not None
+    if not worker and config.daemon.workers != 1:
+        # The control plane: health checks, discovery, admin and N workers; no traffic.
+        from .workers import run_control_plane
+
+        return run_control_plane(config, path)
+    extra_services = []
+    if args.control_fd is not None:
+        import socket
+
+        from .workers import control_service
+
+        try:
+            control = socket.socket(fileno=args.control_fd)
+        except OSError as exc:
+            print(f"l4gw: --control-fd {args.control_fd}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        extra_services.append(control_service(control))
     log = structlog.get_logger("l4gw.cli")
     old, new = raise_nofile_limit()
     expected = sum(lc.max_connections for lc in config.listeners) or 10_000
     log.info("resources", nofile_soft=new, nofile_before=old, sized_for_connections=expected)
-    for warning in capacity_warnings(expected):
+    # The same host-wide warnings from every worker would only repeat: worker 0 says them.
+    for warning in capacity_warnings(expected) if args.worker_index in (None, 0) else ():
         log.warning("capacity", message=warning)
     inherited = InheritedSockets.from_environment()
     daemon = Daemon(
         config,
         config_path=path,
         inherited=lambda lc: inherited.take(lc.name, lc.listen),
+        reuse_port=worker,
+        admin_path=args.admin_socket,
+        remote_health=args.control_fd is not None,
+        extra_services=extra_services,
     )
     try:
         trio.run(daemon.run)
@@ -124,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("-c", "--config", help=f"config file ($L4GW_CONFIG, else {DEFAULT_CONFIG})")
+    # Set by the control plane for its worker processes (l4gw.workers); not for operators.
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--admin-socket", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("-c", "--config", help=f"config file ($L4GW_CONFIG, else {DEFAULT_CONFIG})")

@@ -133,6 +133,10 @@ class HealthMonitor:
     ``wakeup`` is called whenever a timer earlier than the last ``next_deadline()`` may have
     been armed, so a driver sleeping until that deadline can recompute it.
 
+    ``probes=False`` (a worker process under ``workers = N``): no active probe is ever due and
+    ``check_up`` is never touched here; the control plane probes and pushes its verdicts
+    (``l4gw.workers``). Passive ejection and its timers work as usual.
+
     Every change of ``health_state(node)`` sets ``node.healthy`` (what the balancer reads),
     ``node.health_reason`` and ``node.health_since`` and logs ``node_health``.
     """
@@ -146,9 +150,11 @@ class HealthMonitor:
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         jitter: float = PROBE_JITTER,
+        probes: bool = True,
     ) -> None:
         self.upstream = upstream
         self.config = config
+        self.probes = probes
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng if rng is not None else random.Random()
@@ -197,6 +203,14 @@ class HealthMonitor:
 
     def _start_tracking(self, node: NodeState) -> None:
         now = self.clock()
+        if not self.probes:
+            # check_up belongs to the control plane; only ejection is decided here.
+            if not node.health_reason:
+                node.health_reason = "checked by the control plane"
+                node.health_since = self.wall_clock()
+            node.healthy = health_state(node) == "up"
+            self._next_probe[node] = math.inf
+            return
         if not node.health_reason:
             # First seen by any monitor: choose the initial state (docs/health.md).
             if self.active and node.source == "dns":
@@ -228,7 +242,7 @@ class HealthMonitor:
         ``expect``) clears the check history, so the next result decides; checks turned off
         bring every node that they held down back up."""
         old, self.config = self.config, config
-        if config == old:
+        if config == old or not self.probes:
             return
         what_changed = _check_key(old) != _check_key(config)
         if not what_changed and old.interval == config.interval:
@@ -255,7 +269,7 @@ class HealthMonitor:
     def due(self) -> list[NodeState]:
         """The nodes whose probe should start now; they count as in flight until
         ``check_done`` (or until they leave the node set)."""
-        if not self.active:
+        if not self.active or not self.probes:
             return []
         now = self.clock()
         ready = [node for node, at in self._next_probe.items() if at <= now]
@@ -550,6 +564,7 @@ async def serve_health(
     task_status: trio.TaskStatus[HealthMonitor] = trio.TASK_STATUS_IGNORED,
     check: CheckFn | None = None,
     rng: random.Random | None = None,
+    probes: bool = True,
 ) -> None:
     """Run the health checking of ``upstream`` forever: active probes (when ``check`` is not
     "none"), ejection timers, and passive ejection (its monitor is in ``upstream.observers``
@@ -559,9 +574,13 @@ async def serve_health(
     ``POLL_INTERVAL``), so a reload that mutates ``upstream`` in place is picked up.
     ``task_status.started`` reports the ``HealthMonitor`` once every current node has its
     initial state. ``check`` and ``rng`` replace the probe and the jitter source (tests).
+    ``probes=False`` runs passive ejection only: ``check_up`` comes from elsewhere (the
+    control plane of a worker process, see ``HealthMonitor``).
     """
     run = check if check is not None else run_check
-    monitor = HealthMonitor(upstream.name, upstream.config.health, clock=trio.current_time, rng=rng)
+    monitor = HealthMonitor(
+        upstream.name, upstream.config.health, clock=trio.current_time, rng=rng, probes=probes
+    )
     wake = trio.Event()
 
     def wakeup() -> None:

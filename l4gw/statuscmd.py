@@ -211,6 +211,22 @@ def format_status(status: dict[str, Any], *, now: float | None = None) -> str:
         lines += _table(["NODE", "STATE", "FOR", "WEIGHT", "ACTIVE", "SOURCE", "LAST CHECK"], rows)
     if not upstreams:
         lines += ["", "Upstreams (none)"]
+
+    workers = _dicts(status.get("workers"))
+    if workers:
+        lines += ["", f"Workers ({len(workers)}, {_text(status.get('worker_restarts'))} restarts)"]
+        rows = [
+            [
+                _text(item.get("index")),
+                _text(item.get("pid")),
+                _text(item.get("state")),
+                _text(item.get("starts")),
+                _text(item.get("active_connections")),
+                _text(item.get("connections_total")),
+            ]
+            for item in workers
+        ]
+        lines += _table(["WORKER", "PID", "STATE", "STARTS", "ACTIVE", "TOTAL"], rows)
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,10 @@ nothing and proxies nothing; it
   pid by a ``/bin/sh -c 'export LISTEN_PID=$$; exec "$@"'`` wrapper. All the workers then
   accept from the same socket.
 
+``hooks`` (a ``WorkerHooks``) lets the owner of the supervisor (``l4gw.workers``, the control
+plane) pass one more fd to each worker process, hear about starts, READY=1 and exits, and see
+the signals before they are forwarded.
+
 Under systemd, use ``KillMode=mixed``: SIGTERM goes to the supervisor only, which forwards it
 (with the default ``control-group`` every worker would get it twice). Outside systemd, stop the
 supervisor with SIGTERM, not SIGKILL: workers are not killed with their parent.
@@ -146,6 +150,30 @@ def _open_notify_socket(index: int) -> tuple[socket.socket, str]:
     return sock, "@" + name
 
 
+class WorkerHooks:
+    """Callbacks of a ``Supervisor`` (each does nothing here; override what you need).
+
+    Called from the supervisor's trio task, synchronously: they must not block.
+    """
+
+    def pass_fds(self, slot: WorkerSlot) -> list[int]:
+        """Extra fds for the process about to be started in ``slot`` (kept at their numbers);
+        called just before ``argv_for_worker(slot.index)``."""
+        return []
+
+    def spawned(self, slot: WorkerSlot) -> None:
+        """The process of ``slot`` was started (``slot.process`` is set)."""
+
+    def ready(self, slot: WorkerSlot) -> None:
+        """The process of ``slot`` sent READY=1 (after its start or after a reload)."""
+
+    def exited(self, slot: WorkerSlot) -> None:
+        """The process of ``slot`` exited, or could not be started."""
+
+    def signal(self, signum: int) -> None:
+        """SIGHUP, SIGTERM or SIGINT arrived; it is forwarded to the workers after this."""
+
+
 def _clean_stop(returncode: int | None) -> bool:
     return returncode is None or returncode in (0, -signal.SIGTERM, -signal.SIGINT)
 
@@ -157,7 +185,8 @@ class Supervisor:
     base environment (default: this process's, read now). ``inherited`` are sockets passed by
     systemd, at fds 3, 4, ... in that order (``systemd.listen_fds()``), handed on to every
     worker. ``worker_watchdog`` is the workers' watchdog period in seconds: None follows
-    systemd's (``WATCHDOG_USEC`` of this process, if any), 0 disables it.
+    systemd's (``WATCHDOG_USEC`` of this process, if any), 0 disables it. ``hooks``: see
+    ``WorkerHooks``.
     """
 
     def __init__(
@@ -169,6 +198,7 @@ class Supervisor:
         inherited: Sequence[tuple[socket.socket, str | None]] = (),
         backoff: Callable[[], Backoff] = Backoff,
         worker_watchdog: float | None = None,
+        hooks: WorkerHooks | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"need at least one worker, not {n}")
@@ -189,6 +219,7 @@ class Supervisor:
             worker_watchdog = 2 * interval if interval else 0.0
         self.worker_watchdog = worker_watchdog
         self.slots: list[WorkerSlot] = []
+        self.hooks = hooks if hooks is not None else WorkerHooks()
         self._backoff = backoff
         self.stopping = False
         self._stop_signum: int = signal.SIGTERM
@@ -203,6 +234,7 @@ class Supervisor:
     # -- the worker processes ---------------------------------------------------------------
 
     def _command(self, slot: WorkerSlot) -> tuple[list[str], dict[str, str], list[int]]:
+        extra_fds = self.hooks.pass_fds(slot)
         argv = list(self.argv_for_worker(slot.index))
         env = dict(self.env)
         env["NOTIFY_SOCKET"] = slot.notify_name
@@ -213,7 +245,7 @@ class Supervisor:
             env["LISTEN_FDS"] = str(len(pass_fds))
             env["LISTEN_FDNAMES"] = ":".join(name or "unknown" for _, name in self.inherited)
             argv = [*_LISTEN_PID_WRAPPER, *argv]
-        return argv, env, pass_fds
+        return argv, env, [*pass_fds, *extra_fds]
 
     def _drain_notifications(self, slot: WorkerSlot) -> None:
         """Drop what a dead process of this slot sent, so it cannot count for the next one."""
@@ -238,6 +270,7 @@ class Supervisor:
             except OSError as exc:
                 slot.state = "down"
                 slot.returncode = None
+                self.hooks.exited(slot)
                 log.error("worker_spawn_failed", worker=slot.index, error=str(exc))
                 if not await self._after_exit(slot, 0.0, f"could not be started: {exc}"):
                     return
@@ -247,6 +280,7 @@ class Supervisor:
             slot.abort_sent_at = None
             slot.starts += 1
             log.info("worker_started", worker=slot.index, pid=process.pid, starts=slot.starts)
+            self.hooks.spawned(slot)
             if self.stopping:  # the stop came while this worker was being spawned
                 self._signal(slot, self._stop_signum)
             self._publish_status()
@@ -260,6 +294,7 @@ class Supervisor:
                         await process.wait()
             slot.returncode = process.returncode
             slot.state = "down"
+            self.hooks.exited(slot)
             if self._reload_pending is not None:
                 self._reload_pending.discard(slot.index)
             lifetime = trio.current_time() - started
@@ -378,6 +413,7 @@ class Supervisor:
                     slot.hup_deferred = False
                     slot.state = "reloading"
                     self._signal(slot, signal.SIGHUP)
+                self.hooks.ready(slot)
             elif key == "RELOADING" and value == "1":
                 slot.state = "reloading"
             elif key == "STOPPING" and value == "1":
@@ -446,14 +482,21 @@ class Supervisor:
     # -- the whole ----------------------------------------------------------------------------
 
     async def run(
-        self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        signals: AsyncIterator[int] | None = None,
+        task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
     ) -> int:
         """Run the workers until they are stopped; returns the exit status (0 or 1).
 
         ``task_status.started(self)`` is called once the signal handlers are installed and the
-        workers are being started (wait for ``all_ready`` to know they are up).
+        workers are being started (wait for ``all_ready`` to know they are up). ``signals``:
+        a receiver of ``FORWARDED_SIGNALS`` the caller opened earlier (signals that arrived
+        before ``run`` are then handled first); by default ``run`` opens its own.
         """
-        with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+        with contextlib.ExitStack() as stack:
+            if signals is None:
+                signals = stack.enter_context(trio.open_signal_receiver(*FORWARDED_SIGNALS))
             try:
                 for index in range(self.n):
                     sock, name = _open_notify_socket(index)
@@ -482,6 +525,7 @@ class Supervisor:
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
+            self.hooks.signal(signum)
             if signum == signal.SIGHUP:
                 self.reload()
             else:

@@ -265,3 +265,38 @@ def test_fetch_status_bad_address(admin: str) -> None:
 def test_status_error_is_an_oserror() -> None:
     """The CLI may catch OSError for 'cannot reach the daemon'."""
     assert issubclass(StatusError, OSError)
+
+
+def test_workers_table() -> None:
+    """With workers, the control plane's /status lists each worker process."""
+    text = format_status(
+        {
+            "version": "0.1.0",
+            "pid": 10,
+            "listeners": [],
+            "upstreams": [],
+            "worker_restarts": 1,
+            "workers": [
+                {
+                    "index": 0,
+                    "pid": 11,
+                    "state": "ready",
+                    "starts": 1,
+                    "active_connections": 3,
+                    "connections_total": 40,
+                },
+                {
+                    "index": 1,
+                    "pid": 12,
+                    "state": "ready",
+                    "starts": 2,
+                    "active_connections": 0,
+                    "connections_total": 37,
+                },
+            ],
+        },
+        now=0.0,
+    )
+    assert "Workers (2, 1 restarts)" in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert rows == [["0", "11", "ready", "1", "3", "40"], ["1", "12", "ready", "2", "0", "37"]]
