@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,13 @@ from .ratelimit import RateLimiter
 from .reactor import HAVE_REACTOR, Reactor
 from .relay import IdleSweeper, PipePool
 from .runtime import ListenerRuntime, ListenerStats
+from .tls import build_client_context, check_certificates
 from .upstream import UpstreamRuntime
 
 log = structlog.get_logger("l4gw.daemon")
 
 #: Features whose keys ``check``/``run`` refuse with "not supported yet" (see config.unsupported).
-NOT_BUILT: frozenset[str] = frozenset({"tls", "http", "workers"})
+NOT_BUILT: frozenset[str] = frozenset()
 
 
 MetricFamily = tuple[str, str, str, list[tuple[dict[str, object], float]]]
@@ -66,8 +69,20 @@ DISCOVERY_COUNTERS = {
 
 
 def config_problems(config: Config) -> list[str]:
-    """Problems that make a parsed config unusable by this build (unsupported features)."""
-    return unsupported(config, NOT_BUILT)
+    """Problems that make a parsed config unusable: features this build lacks, and the
+    files it names (certificates and keys that are unreadable, mismatched, expired or not
+    yet valid; CA files that do not load). Each problem names its key path and file."""
+    problems = unsupported(config, NOT_BUILT)
+    for index, lc in enumerate(config.listeners):
+        if lc.tls is not None:
+            problems += [f"listeners[{index}].tls: {p}" for p in check_certificates(lc.tls)]
+    for name, up in config.upstreams.items():
+        if up.tls is not None:
+            try:
+                build_client_context(up.tls)
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(f"upstreams.{name}.tls.ca: cannot load {up.tls.ca}: {exc}")
+    return problems
 
 
 def load_usable_config(path: str | os.PathLike[str]) -> Config:
@@ -120,6 +135,12 @@ class Daemon:
 
     ``reuse_port`` sets SO_REUSEPORT on listeners (several worker processes per port);
     ``inherited`` maps listener addresses to sockets passed in by systemd.
+
+    A worker process under ``workers = N`` (``l4gw.workers``) also sets ``admin_path`` (the
+    admin endpoint on that Unix socket instead of ``[daemon] admin``), ``remote_health`` (no
+    DNS discovery and no active probes here: the control plane pushes node sets and check
+    verdicts; passive ejection stays local) and ``extra_services`` (each started as
+    ``nursery.start(service, daemon)`` after the upstream tasks, before the listeners accept).
     """
 
     def __init__(
@@ -130,12 +151,18 @@ class Daemon:
         reuse_port: bool = False,
         inherited: Callable[[ListenerConfig], socket.socket | None] | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
+        admin_path: str | None = None,
+        remote_health: bool = False,
+        extra_services: Sequence[Callable[..., Awaitable[object]]] = (),
     ) -> None:
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
         self.reuse_port = reuse_port
         self.inherited = inherited
         self.on_ready = on_ready
+        self.admin_path = admin_path
+        self.remote_health = remote_health
+        self.extra_services = list(extra_services)
         self.started_wall = time.time()
         self.draining = False
         self.stats: dict[str, ListenerStats] = {}
@@ -223,15 +250,22 @@ class Daemon:
             if not self.listening:
                 self.bind_all()
             admin = self.config.daemon.admin
-            if admin is not None:
+            if admin is not None or self.admin_path is not None:
                 try:
-                    admin_sock = bind_listener("admin", admin)
+                    if self.admin_path is not None:
+                        from .workers import bind_unix_listener
+
+                        admin_sock = bind_unix_listener("admin", self.admin_path)
+                    else:
+                        assert admin is not None
+                        admin_sock = bind_listener("admin", admin)
                 except BindError:
                     for item in self.listening.values():
                         item.sock.close()
                     raise
-                host, port = admin_sock.getsockname()[:2]
-                self.admin_address = SocketAddress(host, port)
+                if admin_sock.family != socket.AF_UNIX:
+                    host, port = admin_sock.getsockname()[:2]
+                    self.admin_address = SocketAddress(host, port)
             try:
                 async with trio.open_nursery() as services:
                     self._services = services
@@ -259,6 +293,8 @@ class Daemon:
                         for up in self.upstreams.values():
                             for kind, serve in self._upstream_services(up):
                                 await services.start(self._upstream_task, up, kind, serve)
+                        for service in self.extra_services:
+                            await services.start(service, self)
                         for item in self.listening.values():
                             self._start_accepting(item)
                         log.info(
@@ -299,12 +335,13 @@ class Daemon:
 
         self._services.start_soon(accept_loop)
 
-    @staticmethod
     def _upstream_services(
-        up: UpstreamRuntime,
+        self, up: UpstreamRuntime
     ) -> list[tuple[str, Callable[..., Awaitable[object]]]]:
         """The background tasks an upstream needs: health always (it also runs passive
-        ejection), discovery when configured."""
+        ejection), discovery when configured; a worker runs passive ejection only."""
+        if self.remote_health:
+            return [("health", partial(serve_health, probes=False))]
         services: list[tuple[str, Callable[..., Awaitable[object]]]] = [("health", serve_health)]
         if up.config.discovery is not None:
             services.insert(0, ("discovery", serve_discovery))

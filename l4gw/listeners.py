@@ -22,15 +22,8 @@ from .errors import GatewayError
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
-from .relay import (
-    HAVE_SPLICE,
-    IdleSweeper,
-    PipePool,
-    Relay,
-    SocketRelay,
-    StreamRelay,
-    splice_pump,
-)
+from .reactor import NodeConnector, Reactor
+from .relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 from .runtime import ListenerRuntime
 
 log = structlog.get_logger("l4gw.listener")
@@ -96,12 +89,20 @@ def _refuse(sock: socket.socket) -> None:
 
 class ConnectionContext:
     """What every connection handler shares: the nursery its tasks run in, the pipe pool,
-    the idle sweeper and the shutdown state."""
+    the idle sweeper and the reactor that runs plain-TCP relays (None where there is no
+    epoll: every relay is then a ``StreamRelay``)."""
 
-    def __init__(self, nursery: trio.Nursery, pool: PipePool, sweeper: IdleSweeper) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        pool: PipePool,
+        sweeper: IdleSweeper,
+        reactor: Reactor | None = None,
+    ) -> None:
         self.nursery = nursery
         self.pool = pool
         self.sweeper = sweeper
+        self.reactor = reactor
 
 
 def log_connection(
@@ -131,10 +132,14 @@ def log_connection(
 
 
 def admit(listener: ListenerRuntime, ip: str, now: float) -> str | None:
-    """The refusal outcome for a new connection from ``ip``, or None to admit it."""
-    if not listener.acl.is_open and not listener.acl.allows(ip):
-        return "denied"
+    """The refusal outcome for a new connection from ``ip``, or None to admit it.
+
+    In http mode the source ACL and the rate limit apply per request (403 and 429 answers),
+    so only ``max_connections`` is decided here.
+    """
     config = listener.config
+    if config.mode == "tcp" and not listener.acl.is_open and not listener.acl.allows(ip):
+        return "denied"
     if (
         config.mode == "tcp"
         and listener.rate_limiter.enabled
@@ -210,9 +215,13 @@ async def serve_listener(
                 stats.active += 1
                 config = listener.config
                 if config.mode == "tcp" and config.tls is None and not config.accept_proxy_protocol:
-                    ctx.nursery.start_soon(
-                        _proxy_tcp, listener, conn, addr, ctx, now, b"", name=_TASK_NAME
-                    )
+                    if ctx.reactor is not None and _plain_upstream(listener):
+                        # Connect and relay in the reactor: no task for this connection.
+                        _start_proxy_tcp(listener, conn, addr, ctx, ctx.reactor, now)
+                    else:
+                        ctx.nursery.start_soon(
+                            _proxy_tcp, listener, conn, addr, ctx, now, b"", name=_TASK_NAME
+                        )
                 else:
                     ctx.nursery.start_soon(_handle, listener, conn, addr, ctx, now, name=_TASK_NAME)
             else:
@@ -331,31 +340,40 @@ async def _connect(
     return node_sock, node
 
 
-async def _proxy_tcp(
+def _plain_upstream(listener: ListenerRuntime) -> bool:
+    """True when nothing must be sent to the node before the relay (no PROXY header)."""
+    upstream_name = listener.config.upstream
+    assert upstream_name is not None
+    return listener.upstreams[upstream_name].config.proxy_protocol == "off"
+
+
+def _connect_failed(
     listener: ListenerRuntime,
     conn: socket.socket,
     client: tuple[str, int],
-    ctx: ConnectionContext,
     started: float,
     early: bytes,
+    exc: BaseException,
 ) -> None:
-    """L4 over plain TCP: connect a node, then splice both ways until both sides are done."""
+    """A connection whose node could not be connected: close it, count it, log it."""
     stats = listener.stats
-    try:
-        node_sock, node = await _connect(listener, client, conn.getsockname, early)
-    except BaseException as exc:
-        stats.active -= 1
-        outcome = exc.outcome if isinstance(exc, GatewayError) else "error"
-        stats.outcomes[outcome] += 1
-        conn.close()
-        log_connection(listener, client, None, len(early), 0, started, outcome, str(exc))
-        if not isinstance(exc, (GatewayError, OSError)):
-            raise
-        return
-    upstream_name = listener.config.upstream
-    assert upstream_name is not None
-    idle_timeout = listener.upstreams[upstream_name].config.idle_timeout
-    sweeper = ctx.sweeper
+    stats.active -= 1
+    outcome = exc.outcome if isinstance(exc, GatewayError) else "error"
+    stats.outcomes[outcome] += 1
+    conn.close()
+    log_connection(listener, client, None, len(early), 0, started, outcome, str(exc))
+
+
+def _finisher(
+    listener: ListenerRuntime,
+    client: tuple[str, int],
+    node: NodeState,
+    sweeper: IdleSweeper,
+    started: float,
+    early: bytes,
+) -> Callable[[Relay], None]:
+    """The ``on_finish`` of a plain-TCP relay: counters, node accounting, access log."""
+    stats = listener.stats
 
     def finish(relay: Relay) -> None:
         sweeper.discard(relay)
@@ -376,13 +394,67 @@ async def _proxy_tcp(
                 relay.reason,
             )
 
-    if HAVE_SPLICE:
-        relay = SocketRelay(conn, node_sock, idle_timeout, finish)
+    return finish
+
+
+def _start_proxy_tcp(
+    listener: ListenerRuntime,
+    conn: socket.socket,
+    client: tuple[str, int],
+    ctx: ConnectionContext,
+    reactor: Reactor,
+    started: float,
+) -> None:
+    """L4 over plain TCP without a task: the reactor connects a node (``NodeConnector``, the
+    same attempts as ``open_node_connection``), then runs the relay."""
+    upstream_name = listener.config.upstream
+    assert upstream_name is not None
+    upstream = listener.upstreams[upstream_name]
+
+    def connected(node_sock: socket.socket, node: NodeState, mask: int) -> None:
+        sweeper = ctx.sweeper
+        relay = SocketRelay(
+            reactor,
+            conn,
+            node_sock,
+            upstream.config.idle_timeout,
+            _finisher(listener, client, node, sweeper, started, b""),
+        )
         sweeper.add(relay)
-        # Node→client in a new task, client→node in this one (no extra frame kept per
-        # connection: this is what an idle connection's memory is made of).
-        ctx.nursery.start_soon(splice_pump, relay, node_sock, conn, ctx.pool, True, name=_TASK_NAME)
-        await splice_pump(relay, conn, node_sock, ctx.pool, False)
+        relay.start(node_mask=mask, read_now=True)
+
+    def failed(exc: Exception) -> None:
+        _connect_failed(listener, conn, client, started, b"", exc)
+
+    NodeConnector(reactor, upstream, client[0].encode(), connected, failed).start()
+
+
+async def _proxy_tcp(
+    listener: ListenerRuntime,
+    conn: socket.socket,
+    client: tuple[str, int],
+    ctx: ConnectionContext,
+    started: float,
+    early: bytes,
+) -> None:
+    """L4 over plain TCP when something must be sent first (PROXY header, bytes read ahead):
+    connect a node in this task, then hand both sockets to the reactor and return."""
+    try:
+        node_sock, node = await _connect(listener, client, conn.getsockname, early)
+    except BaseException as exc:
+        _connect_failed(listener, conn, client, started, early, exc)
+        if not isinstance(exc, (GatewayError, OSError)):
+            raise
+        return
+    upstream_name = listener.config.upstream
+    assert upstream_name is not None
+    idle_timeout = listener.upstreams[upstream_name].config.idle_timeout
+    sweeper = ctx.sweeper
+    finish = _finisher(listener, client, node, sweeper, started, early)
+    if ctx.reactor is not None:
+        relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish)
+        sweeper.add(relay)
+        relay.start(read_now=True)
     else:
         stream_relay = StreamRelay(
             trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
@@ -428,10 +500,14 @@ async def _handle_stream(
     if config.mode == "http":
         from .http.proxy import serve_http_connection
 
+        outcome = "error"
         try:
-            await serve_http_connection(listener, stream, client, tls=config.tls is not None)
+            outcome = await serve_http_connection(
+                listener, stream, client, tls=config.tls is not None
+            )
         finally:
             stats.active -= 1
+            stats.outcomes[outcome] += 1  # per request: l4gw_http_requests_total
         return
     await _relay_stream(listener, stream, conn, client, ctx, started)
 

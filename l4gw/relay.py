@@ -2,12 +2,15 @@
 
 Two implementations behind one bookkeeping class:
 
-* ``SocketRelay``: zero-copy ``os.splice`` (socket → pipe → socket) between two plain
-  non-blocking TCP sockets on Linux. Two tasks per connection (one per direction), no
-  per-connection nursery, and pipes lent from a ``PipePool`` only while bytes are in flight, so an
-  idle connection holds no pipe at all.
+* ``SocketRelay``: a per-connection state machine driven by the ``Reactor``
+  (``l4gw.reactor``): both plain non-blocking TCP sockets sit in one level-triggered epoll set
+  that a single trio task polls, so a connection costs no task and a message costs no trio
+  call. Small messages are copied through one shared buffer (``recv_into`` + ``send``); a
+  direction whose read fills that buffer switches to zero-copy ``os.splice`` (socket → pipe →
+  socket), with pipes lent from a ``PipePool`` only while bytes are in flight, so an idle
+  connection holds no pipe at all.
 * ``StreamRelay``: a copy loop over ``trio.abc.Stream`` objects, for TLS, platforms without
-  ``splice`` and in-memory tests.
+  epoll and in-memory tests.
 
 Half-close: when one side sends EOF, the other side's write half is shut down and the opposite
 direction keeps running; the connection is closed once both directions are done. A reset (or
@@ -24,12 +27,17 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
+
+if TYPE_CHECKING:
+    from .reactor import Reactor
 
 log = structlog.get_logger("l4gw.relay")
 
@@ -40,9 +48,6 @@ _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
-#: After this many back-to-back transfers that never had to wait, a pump yields to the
-#: scheduler so one fast flow cannot starve the others.
-_BURST = 8
 #: Bytes a copy-loop pump asks for at once.
 COPY_CHUNK = 256 * 1024
 
@@ -170,194 +175,324 @@ class Relay:
             self.on_finish(self)
 
 
-class SocketRelay(Relay):
-    """Relay between two plain non-blocking TCP sockets with ``os.splice``.
+#: Reads up to this size go through one buffer shared by every relay (the reactor is single
+#: threaded and a relay sends what it read before it returns, so the buffer is free again
+#: after every event). A read that fills it marks a bulk flow, which switches to splice.
+SMALL_READ = 64 * 1024
+_shared_buffer = bytearray(SMALL_READ)
+_shared_view = memoryview(_shared_buffer)
 
-    Resource handling: owns both sockets from construction and closes them when both pumps
-    are done (or at once on ``abort``).
+_EPOLLIN = getattr(select, "EPOLLIN", 0x001)
+_EPOLLOUT = getattr(select, "EPOLLOUT", 0x004)
+#: Event bits on which a read (or a write) is attempted: the attempt reports the real error.
+_READ_EVENTS = _EPOLLIN | getattr(select, "EPOLLERR", 0x008) | getattr(select, "EPOLLHUP", 0x010)
+_WRITE_EVENTS = _EPOLLOUT | getattr(select, "EPOLLERR", 0x008) | getattr(select, "EPOLLHUP", 0x010)
+#: Splice rounds (one pipe-full each) a bulk flow may do per event before the others get a turn.
+SPLICE_ROUNDS = 4
+
+
+class _Flow:
+    """One direction of a ``SocketRelay``: ``src`` → ``dst``.
+
+    ``pending`` (copy mode) or ``pipe``/``left`` (splice mode) hold the bytes ``dst`` did not
+    take yet; while they exist the flow is ``blocked`` and ``src`` is not read.
     """
 
-    __slots__ = ("client", "node")
+    __slots__ = (
+        "blocked",
+        "done",
+        "dst",
+        "dst_fd",
+        "left",
+        "pending",
+        "pipe",
+        "splice",
+        "src",
+        "src_fd",
+        "to_client",
+    )
+
+    def __init__(self, src: socket.socket, dst: socket.socket, to_client: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.to_client = to_client
+        self.splice = False
+        self.blocked = False
+        self.done = False
+        self.pending: memoryview | None = None
+        self.pipe: Pipe | None = None
+        self.left = 0
+
+
+class SocketRelay(Relay):
+    """Relay between two plain non-blocking TCP sockets, driven by a ``Reactor``'s events.
+
+    No task and no trio call per connection: both sockets are registered once (level
+    triggered) in the reactor's epoll and stay registered while they are wanted. Per direction,
+    in copy mode a readable event costs ``recv_into`` (shared buffer) + ``send``; a read that
+    fills the shared buffer switches the direction to ``splice`` (socket → pipe → socket) for
+    the rest of its life. When ``dst`` does not take everything, the rest is kept (copied out
+    of the shared buffer, or left in the pipe), ``src`` is no longer read and ``dst`` is
+    watched for writable: memory per direction never exceeds one buffer or one pipe. The epoll
+    interest only changes on such backpressure transitions and at EOF; a socket with no
+    interest left is taken out of the epoll set (so hang-ups cannot spin).
+
+    Resource handling: owns both sockets from construction; ``start`` hands them to the
+    reactor; they are unregistered, then closed, when both directions are done or on
+    ``abort``, after which ``on_finish`` runs once.
+    """
+
+    __slots__ = ("cfd", "client", "cmask", "down", "nfd", "nmask", "node", "reactor", "up")
 
     def __init__(
         self,
+        reactor: Reactor,
         client: socket.socket,
         node: socket.socket,
         idle_timeout: float,
         on_finish: Callable[[Relay], None],
     ) -> None:
         super().__init__(idle_timeout, on_finish)
+        self.reactor = reactor
         self.client = client
         self.node = node
+        self.cfd = client.fileno()
+        self.nfd = node.fileno()
+        self.cmask = 0
+        self.nmask = 0
+        self.up = _Flow(client, node, False)
+        self.down = _Flow(node, client, True)
+
+    def start(self, *, node_mask: int = 0, read_now: bool = False) -> None:
+        """Register both sockets with the reactor (``node_mask``: the node socket is already
+        in the epoll set with that mask). ``read_now`` tries the client at once (bytes that
+        arrived while the node was being connected save one event round)."""
+        reactor = self.reactor
+        self.nmask = node_mask
+        if reactor.stopped:
+            self.abort("shutdown")
+            return
+        reactor.handlers[self.cfd] = self
+        reactor.handlers[self.nfd] = self
+        reactor.relays.add(self)
+        self._sync()
+        if read_now and not self.closed:
+            self._pump(self.up)
+
+    def on_event(self, fd: int, mask: int) -> None:
+        """An epoll event on one of the two sockets (called by the reactor)."""
+        if fd == self.cfd:
+            if self.cmask & _EPOLLIN and mask & _READ_EVENTS:
+                self._pump(self.up)
+                if self.closed:
+                    return
+            if self.cmask & _EPOLLOUT and mask & _WRITE_EVENTS:
+                self._flush(self.down)
+        else:
+            if self.nmask & _EPOLLIN and mask & _READ_EVENTS:
+                self._pump(self.down)
+                if self.closed:
+                    return
+            if self.nmask & _EPOLLOUT and mask & _WRITE_EVENTS:
+                self._flush(self.up)
+
+    # -- the state machine --------------------------------------------------------------
+
+    def _pump(self, flow: _Flow) -> None:
+        """Move what ``flow.src`` has to ``flow.dst`` (bounded work); block the flow if
+        ``dst`` does not take it all."""
+        if flow.splice:
+            self._splice_in(flow)
+            return
+        # The copy path: a small message costs recv_into + send and nothing else.
+        try:
+            n = flow.src.recv_into(_shared_buffer)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(flow.src, exc)
+            return
+        if n == 0:
+            self._eof(flow)
+            return
+        if flow.to_client:
+            self.bytes_out += n
+        else:
+            self.bytes_in += n
+        try:
+            sent = flow.dst.send(_shared_view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(flow.dst, exc)
+            return
+        if n == SMALL_READ and HAVE_SPLICE:
+            flow.splice = True
+        if sent < n:
+            flow.pending = memoryview(bytes(_shared_view[sent:n]))
+            flow.blocked = True
+            self._sync()
+
+    def _splice_in(self, flow: _Flow) -> None:
+        pool = self.reactor.pool
+        splice = os.splice
+        try:
+            pipe = pool.acquire()
+        except OSError as exc:
+            self._fail(flow.src, exc)
+            return
+        for _ in range(SPLICE_ROUNDS):
+            try:
+                n = splice(flow.src_fd, pipe.w, pipe.size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                pool.release(pipe)
+                self._fail(flow.src, exc)
+                return
+            if n == 0:
+                pool.release(pipe)
+                self._eof(flow)
+                return
+            if flow.to_client:
+                self.bytes_out += n
+            else:
+                self.bytes_in += n
+            try:
+                sent = splice(pipe.r, flow.dst_fd, n, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                flow.pipe = pipe  # bytes in it: ``abort`` discards it
+                flow.left = n
+                self._fail(flow.dst, exc)
+                return
+            if sent < n:
+                flow.pipe = pipe
+                flow.left = n - sent
+                flow.blocked = True
+                self._sync()
+                return
+            if n < pipe.size:
+                break  # the socket is (almost surely) drained
+            pool.grow(pipe)
+        pool.release(pipe)
+
+    def _flush(self, flow: _Flow) -> None:
+        """``flow.dst`` is writable again: send what it did not take, then go on reading."""
+        pipe = flow.pipe
+        if pipe is not None:
+            try:
+                flow.left -= os.splice(pipe.r, flow.dst_fd, flow.left, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(flow.dst, exc)
+                return
+            if flow.left:
+                return
+            flow.pipe = None
+            self.reactor.pool.release(pipe)
+        else:
+            pending = flow.pending
+            if pending is None:
+                return
+            try:
+                sent = flow.dst.send(pending)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(flow.dst, exc)
+                return
+            if sent < len(pending):
+                flow.pending = pending[sent:]
+                return
+            flow.pending = None
+        flow.blocked = False
+        # ``src`` most likely has more by now: read it at once. If ``dst`` fills up again the
+        # flow simply stays blocked and no epoll interest changes at all.
+        self._pump(flow)
+        if not self.closed:
+            self._sync()
+
+    def _eof(self, flow: _Flow) -> None:
+        """EOF from ``flow.src``: pass it on as a half-close; close all once both are done."""
+        flow.done = True
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._fail(flow.dst, exc)
+            return
+        other = self.down if flow is self.up else self.up
+        if other.done:
+            self._close("", reset=False)
+        else:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Bring both sockets' epoll interest in line with the flows' states."""
+        up, down = self.up, self.down
+        cmask = (0 if up.done or up.blocked else _EPOLLIN) | (_EPOLLOUT if down.blocked else 0)
+        nmask = (0 if down.done or down.blocked else _EPOLLIN) | (_EPOLLOUT if up.blocked else 0)
+        interest = self.reactor.interest
+        try:
+            if cmask != self.cmask:
+                interest(self.cfd, self.cmask, cmask)
+                self.cmask = cmask
+            if nmask != self.nmask:
+                interest(self.nfd, self.nmask, nmask)
+                self.nmask = nmask
+        except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
+            self.abort(f"epoll {errno.errorcode.get(exc.errno or 0, str(exc))}")
+
+    def _fail(self, sock: socket.socket, exc: OSError) -> None:
+        side = "client" if sock is self.client else "node"
+        self.abort(
+            f"{side} {errno.errorcode.get(exc.errno or 0, str(exc))}",
+            reset=exc.errno in _RESET_ERRNOS,
+        )
+
+    # -- ending -------------------------------------------------------------------------
 
     def abort(self, reason: str, *, reset: bool = False) -> None:
-        if self.closed:
-            return
+        """Close both sides now (with a reset when ``reset``); ``on_finish`` runs at once."""
+        if not self.closed:
+            self._close(reason, reset=reset)
+
+    def _close_both(self) -> None:
+        self._close("", reset=False)
+
+    def _close(self, reason: str, *, reset: bool) -> None:
         self.closed = True
         self.reason = reason
-        if reset:
-            for sock in (self.client, self.node):
+        reactor = self.reactor
+        # Out of the epoll set and the handler table before the descriptors are closed: their
+        # numbers are reused by the next socket or pipe.
+        for fd, mask in ((self.cfd, self.cmask), (self.nfd, self.nmask)):
+            reactor.forget(fd, mask)
+        self.cmask = self.nmask = 0
+        reactor.relays.discard(self)
+        pool = reactor.pool
+        for flow in (self.up, self.down):
+            pipe = flow.pipe
+            if pipe is not None:
+                flow.pipe = None
+                if flow.left:
+                    pool.discard(pipe)
+                else:
+                    pool.release(pipe)
+            flow.pending = None
+        for sock in (self.client, self.node):
+            if reset:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 except OSError:
                     pass
-        self._close_both()
-
-    def _close_both(self) -> None:
-        for sock in (self.client, self.node):
-            if sock.fileno() >= 0:
-                trio.lowlevel.notify_closing(sock)
-                sock.close()
-
-    async def run(self, nursery: trio.Nursery, pool: PipePool) -> None:
-        """Run both directions: node→client in a new task of ``nursery``, client→node here."""
-        nursery.start_soon(splice_pump, self, self.node, self.client, pool, True)
-        await splice_pump(self, self.client, self.node, pool, False)
-
-
-#: Reads up to this size go through one buffer shared by every pump (the event loop is single
-#: threaded and a pump sends what it read before it awaits anything, so the buffer is free again
-#: at every await). A read that fills it marks a bulk flow, which switches to splice.
-SMALL_READ = 64 * 1024
-_shared_buffer = bytearray(SMALL_READ)
-_shared_view = memoryview(_shared_buffer)
-
-
-async def splice_pump(
-    relay: SocketRelay,
-    src: socket.socket,
-    dst: socket.socket,
-    pool: PipePool,
-    to_client: bool,
-) -> None:
-    """Move bytes from ``src`` to ``dst`` until EOF, error or abort; then ``pump_done``.
-
-    Adaptive, like HAProxy's ``splice-auto``: small messages are copied through the shared
-    buffer (``recv_into`` + ``send``: no pipe, fewer and cheaper syscalls), and once a read fills
-    the whole buffer the direction switches to zero-copy ``splice`` for the rest of its life.
-
-    A short read means the socket is (almost surely) drained, so the pump waits for readable
-    at once instead of probing for EAGAIN. In splice mode the pipe is always drained before the
-    next read, so EAGAIN from splice(socket → pipe) means the socket is empty; EAGAIN while
-    draining means ``dst`` is full. The pipe is returned to the pool before any wait for
-    readable, so idle connections hold no pipe. Unsent bytes of a partial ``send`` are copied
-    out of the shared buffer before waiting for writable.
-    """
-    wait_readable = trio.lowlevel.wait_readable
-    wait_writable = trio.lowlevel.wait_writable
-    recv_into = src.recv_into
-    send = dst.send
-    view = _shared_view
-    try:
-        # Copy mode.
-        while True:
-            try:
-                n = recv_into(_shared_buffer)
-            except BlockingIOError:
-                await wait_readable(src)
-                if relay.closed:
-                    return
-                continue
-            if n == 0:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            if to_client:
-                relay.bytes_out += n
-            else:
-                relay.bytes_in += n
-            try:
-                sent = send(view[:n])
-            except BlockingIOError:
-                sent = 0
-            if sent < n:
-                pending = bytes(view[sent:n])
-                while pending:
-                    await wait_writable(dst)
-                    if relay.closed:
-                        return
-                    try:
-                        pending = pending[send(pending) :]
-                    except BlockingIOError:
-                        pass
-            if n == SMALL_READ and HAVE_SPLICE:
-                break
-            await wait_readable(src)
-            if relay.closed:
-                return
-        await _splice_loop(relay, src, dst, pool, to_client)
-    except trio.ClosedResourceError:
-        pass  # aborted while waiting (notify_closing)
-    except OSError as exc:
-        if not relay.closed:
-            side = "client" if src is relay.client else "node"
-            relay.abort(
-                f"{side} {errno.errorcode.get(exc.errno or 0, str(exc))}",
-                reset=exc.errno in _RESET_ERRNOS,
-            )
-    finally:
-        relay.pump_done()
-
-
-async def _splice_loop(
-    relay: SocketRelay,
-    src: socket.socket,
-    dst: socket.socket,
-    pool: PipePool,
-    to_client: bool,
-) -> None:
-    """The bulk half of ``splice_pump``: zero-copy until EOF or abort. Raises ``OSError``."""
-    splice = os.splice
-    wait_readable = trio.lowlevel.wait_readable
-    wait_writable = trio.lowlevel.wait_writable
-    flags = _SPLICE_FLAGS
-    src_fd = src.fileno()
-    dst_fd = dst.fileno()
-    pipe: Pipe | None = None
-    left = 0
-    burst = 0
-    try:
-        while True:
-            if pipe is None:
-                pipe = pool.acquire()
-            try:
-                n = splice(src_fd, pipe.w, pipe.size, flags=flags)
-            except BlockingIOError:
-                pool.release(pipe)
-                pipe = None
-                burst = 0
-                await wait_readable(src)
-                if relay.closed:
-                    return
-                continue
-            if n == 0:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            if to_client:
-                relay.bytes_out += n
-            else:
-                relay.bytes_in += n
-            left = n
-            while left:
-                try:
-                    left -= splice(pipe.r, dst_fd, left, flags=flags)
-                except BlockingIOError:
-                    await wait_writable(dst)
-                    if relay.closed:
-                        return
-            if n == pipe.size:
-                pool.grow(pipe)
-            burst += 1
-            if burst >= _BURST:
-                burst = 0
-                await trio.lowlevel.checkpoint()
-                if relay.closed:
-                    return
-    finally:
-        if pipe is not None:
-            if left:
-                pool.discard(pipe)
-            else:
-                pool.release(pipe)
+            sock.close()
+        self.pumps = 0
+        self.on_finish(self)
 
 
 class StreamRelay(Relay):

@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from l4gw import __version__
 
@@ -404,11 +406,27 @@ def test_config_path_from_environment(tmp_path: os.PathLike[str]) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_check_prints_summary_of_example() -> None:
-    result = run_cli("check", "-c", str(REPO / "conf.toml.example"))
+def test_check_accepts_the_example_with_its_certificates(tmp_path: Path) -> None:
+    """conf.toml.example is valid as shipped once its certificate files exist."""
+    ca = trustme.CA()
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name, host in (("api", "api.example.com"), ("www", "www.example.com")):
+        cert = ca.issue_cert(host)
+        cert.cert_chain_pems[0].write_to_path(str(tls / f"{name}.pem"))
+        cert.private_key_pem.write_to_path(str(tls / f"{name}.key"))
+    ca.cert_pem.write_to_path(str(tls / "internal-ca.pem"))
+    example = (REPO / "conf.toml.example").read_text()
+    path = tmp_path / "conf.toml"
+    path.write_text(example.replace("/etc/l4gw/tls/", f"{tls}/"))
+    result = run_cli("check", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
     assert "Traceback" not in result.stderr
+    # Without the files, every missing one is named with its key path.
+    missing = run_cli("check", "-c", str(REPO / "conf.toml.example"))
+    assert missing.returncode == 1
+    assert "listeners[1].tls: /etc/l4gw/tls/api.pem: cannot read the certificate" in missing.stderr
 
 
 def test_version() -> None:

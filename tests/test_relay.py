@@ -1,17 +1,20 @@
-"""The L4 data path on real loopback TCP pairs (splice and copy) and on in-memory streams."""
+"""The L4 data path on real loopback TCP pairs (splice and copy, driven by the reactor) and on
+in-memory streams."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
 import trio.testing
 
 from l4gw import relay as relay_mod
+from l4gw.reactor import Reactor
 from l4gw.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
 
@@ -35,21 +38,38 @@ class Setup:
         self.proxy_node, self.node = tcp_pair()
         self.finished: list[Relay] = []
         self.pool = PipePool()
+        self.reactor = Reactor(self.pool)
 
     def relay(self, idle: float = 3600.0) -> SocketRelay:
-        return SocketRelay(self.proxy_client, self.proxy_node, idle, self.finished.append)
+        """A relay between the two proxy-side sockets, registered with the reactor."""
+        relay = SocketRelay(
+            self.reactor, self.proxy_client, self.proxy_node, idle, self.finished.append
+        )
+        relay.start()
+        return relay
 
     def close(self) -> None:
         for sock in (self.client, self.node, self.proxy_client, self.proxy_node):
             sock.close()
+        self.reactor.close()
         self.pool.close()
 
 
 @pytest.fixture
-def setup() -> Iterator[Setup]:
+async def setup() -> AsyncIterator[Setup]:
+    """The sockets plus a running reactor (cancelled, which aborts what is left, at the end)."""
     s = Setup()
-    yield s
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s.reactor.run)
+        yield s
+        nursery.cancel_scope.cancel()
     s.close()
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
@@ -75,15 +95,20 @@ async def recv_exactly_or_eof(sock: socket.socket) -> bytes:
         out += data
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy-only"])
 @pytest.mark.parametrize("size", [1, 1000, 64 * 1024, 3 * 1024 * 1024 + 7])
-async def test_bytes_both_ways_and_half_close(setup: Setup, size: int) -> None:
-    """Sizes below and above the shared buffer (copy mode, then splice mode)."""
+async def test_bytes_both_ways_and_half_close(
+    setup: Setup, size: int, splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sizes below and above the shared buffer (copy mode, then splice mode); without splice
+    (``HAVE_SPLICE`` false) everything stays in copy mode."""
+    if not splice:
+        monkeypatch.setattr(relay_mod, "HAVE_SPLICE", False)
     up = os.urandom(size)
     down = os.urandom(size // 2 + 1)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             relay = setup.relay()
-            nursery.start_soon(relay.run, nursery, setup.pool)
 
             async def client_side() -> bytes:
                 await send_all(setup.client, up)
@@ -103,6 +128,7 @@ async def test_bytes_both_ways_and_half_close(setup: Setup, size: int) -> None:
 
             nursery.start_soon(run, "client", client_side)
             nursery.start_soon(run, "node", node_side)
+        await wait_until(lambda: setup.finished)
     assert results["node"] == up
     assert results["client"] == down
     assert setup.finished == [relay]
@@ -110,20 +136,25 @@ async def test_bytes_both_ways_and_half_close(setup: Setup, size: int) -> None:
     assert relay.bytes_out == len(down)
     assert relay.reason == ""
     assert setup.proxy_client.fileno() == -1 and setup.proxy_node.fileno() == -1
+    if size < relay_mod.SMALL_READ or not splice:
+        assert not relay.up.splice and not relay.down.splice
+    elif size > 1 << 20:  # a bulk flow fills the shared buffer at some point
+        assert relay.up.splice and relay.down.splice
+    assert not setup.reactor.handlers and not setup.reactor.relays
+    if not splice:
+        assert setup.pool.pipes_open == 0
 
 
 async def test_reset_on_one_side_closes_the_other(setup: Setup) -> None:
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            relay = setup.relay()
-            nursery.start_soon(relay.run, nursery, setup.pool)
-            await send_all(setup.client, b"hello")
-            assert await _recv_some(setup.node) == b"hello"
-            # The node resets its connection.
-            setup.node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-            setup.node.close()
-            with pytest.raises(ConnectionResetError):
-                await recv_exactly_or_eof(setup.client)
+        relay = setup.relay()
+        await send_all(setup.client, b"hello")
+        assert await _recv_some(setup.node) == b"hello"
+        # The node resets its connection.
+        setup.node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        setup.node.close()
+        with pytest.raises(ConnectionResetError):
+            await recv_exactly_or_eof(setup.client)
     assert setup.finished == [relay]
     assert "ECONNRESET" in relay.reason
 
@@ -143,13 +174,13 @@ async def test_idle_timeout_closes_both_sides(setup: Setup) -> None:
             relay = setup.relay(idle=0.3)
             sweeper.add(relay)
             nursery.start_soon(sweeper.run)
-            nursery.start_soon(relay.run, nursery, setup.pool)
             await send_all(setup.client, b"x")
             assert await _recv_some(setup.node) == b"x"
             assert await recv_exactly_or_eof(setup.client) == b""
             nursery.cancel_scope.cancel()
     assert relay.reason == "idle timeout"
     assert sweeper.closed_idle == 1
+    assert setup.finished == [relay]
 
 
 def test_sweeper_exact_times() -> None:
@@ -239,18 +270,18 @@ def test_pipe_pool_grow_falls_back_on_eperm(monkeypatch: pytest.MonkeyPatch) -> 
     pool = PipePool()
     pipe = pool.acquire()
     small = pipe.size
-    real_fcntl = relay_mod.fcntl.fcntl
+    real_fcntl = fcntl.fcntl  # the module l4gw.relay calls
 
     def denying_fcntl(fd: int, cmd: int, arg: int = 0) -> int:
         if cmd == relay_mod._F_SETPIPE_SZ:
             raise OSError(errno.EPERM, "Operation not permitted")
-        return real_fcntl(fd, cmd, arg)
+        return int(real_fcntl(fd, cmd, arg))
 
-    monkeypatch.setattr(relay_mod.fcntl, "fcntl", denying_fcntl)
+    monkeypatch.setattr(fcntl, "fcntl", denying_fcntl)
     pool.grow(pipe)
     assert pipe.size == small
     assert pool._grow_denied == pool.grow_backoff
-    monkeypatch.setattr(relay_mod.fcntl, "fcntl", real_fcntl)
+    monkeypatch.setattr(fcntl, "fcntl", real_fcntl)
     pool.grow(pipe)  # still backing off: no attempt
     assert pipe.size == small
     pool._grow_denied = 0
@@ -267,13 +298,12 @@ async def test_bulk_flow_switches_to_splice(setup: Setup) -> None:
     setup.client.sendall(data[: relay_mod.SMALL_READ * 2])  # queued before the relay runs
     setup.client.setblocking(False)
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            relay = setup.relay()
-            nursery.start_soon(relay.run, nursery, setup.pool)
-            await send_all(setup.client, data[relay_mod.SMALL_READ * 2 :])
-            setup.client.shutdown(socket.SHUT_WR)
-            got = await recv_exactly_or_eof(setup.node)
-            setup.node.shutdown(socket.SHUT_WR)
-            assert await recv_exactly_or_eof(setup.client) == b""
+        relay = setup.relay()
+        await send_all(setup.client, data[relay_mod.SMALL_READ * 2 :])
+        setup.client.shutdown(socket.SHUT_WR)
+        got = await recv_exactly_or_eof(setup.node)
+        setup.node.shutdown(socket.SHUT_WR)
+        assert await recv_exactly_or_eof(setup.client) == b""
     assert got == data
+    assert relay.up.splice and not relay.down.splice
     assert setup.pool.pipes_open >= 1

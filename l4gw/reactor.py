@@ -1,0 +1,460 @@
+"""A reactor inside trio: one epoll set and one task drive every plain-TCP connection.
+
+trio re-arms an ``EPOLLONESHOT`` registration and parks/unparks a task for every
+``wait_readable``: per message that is one ``epoll_ctl`` and one task switch on top of the
+``recv``/``send`` that move the bytes, and per connection it means two long-lived tasks. The
+``Reactor`` instead keeps the relay sockets in its own level-triggered epoll set, registered
+once; its single task waits for that epoll descriptor to become readable (an epoll fd is itself
+pollable, so trio watches it like any socket), then collects up to ``MAX_EVENTS`` ready
+descriptors with ``epoll.poll(0)`` and hands each to the object that owns it (``on_event``).
+A message costs its two syscalls, an ``epoll_ctl`` happens only on backpressure transitions,
+and a connection costs no task.
+
+``NodeConnector`` connects to a node the same way (non-blocking ``connect``, ``EPOLLOUT``,
+``SO_ERROR``), with ``connect_timeout`` kept on the reactor's timer heap, so an accepted plain
+TCP connection spawns no trio task at all.
+
+Fairness: every handler does bounded work per event (level triggering reports a socket again
+if it still has data). After a batch the reactor polls again at once (under load more events
+are ready by then, and this saves trio's wake-up round), and after ``MAX_ROUNDS`` batches in a
+row it yields to the other trio tasks.
+
+Shutdown: when ``run`` is cancelled (the daemon cancels the connections nursery at the end of
+the drain) it aborts every relay and connect still registered, then closes the epoll set.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import math
+import os
+import select
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+import trio
+
+from .errors import NoHealthyNode, UpstreamConnectError
+from .nodes import NodeState
+from .relay import PipePool, SocketRelay
+from .upstream import UpstreamRuntime
+
+log = structlog.get_logger("l4gw.reactor")
+#: Connect attempts log under the same name as ``l4gw.connect.open_node_connection``.
+connect_log = structlog.get_logger("l4gw.connect")
+
+HAVE_REACTOR = hasattr(select, "epoll")
+#: Ready descriptors taken per ``epoll.poll``.
+MAX_EVENTS = 1024
+#: Batches dispatched back to back (polling again at once while events keep coming, which
+#: saves trio's wake-up round under load) before the other trio tasks get a turn.
+MAX_ROUNDS = 4
+_EPOLLOUT = getattr(select, "EPOLLOUT", 0x004)
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class EventHandler(Protocol):
+    """What the reactor dispatches a ready descriptor to."""
+
+    def on_event(self, fd: int, mask: int) -> None: ...
+
+    def abort(self, reason: str, *, reset: bool = False) -> None: ...
+
+
+class ReactorStopped(Exception):
+    """A connect that was still under way when the reactor stopped (daemon shutdown)."""
+
+
+class Timer:
+    """A callback the reactor runs at ``deadline`` (trio time); ``callback`` None: cancelled."""
+
+    __slots__ = ("callback", "deadline")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback: Callable[[], None] | None = callback
+
+
+class Reactor:
+    """One epoll set, one trio task (``run``), and a table descriptor → handler.
+
+    Resource handling: owns the epoll descriptor (closed when ``run`` ends, or by ``close``)
+    and, through the relays and connectors registered with it, their sockets.
+    """
+
+    def __init__(self, pool: PipePool) -> None:
+        self.pool = pool
+        self.epoll = select.epoll()
+        self.handlers: dict[int, EventHandler] = {}
+        #: Live relays (the ones ``run`` aborts when it is cancelled).
+        self.relays: set[SocketRelay] = set()
+        #: Connects under way.
+        self.connectors: set[NodeConnector] = set()
+        #: True once ``run`` has ended: nothing may register any more.
+        self.stopped = False
+        #: Descriptors closed during the current batch: their remaining events are stale.
+        self._closed_fds: set[int] = set()
+        #: Heap of (deadline, sequence, timer), cancelled timers included until they reach
+        #: the top (tuples: the heap compares them in C).
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._timer_seq = 0
+        self._timers_cancelled = 0
+        #: The scope the timer task sleeps in; its deadline is the earliest live timer.
+        self._timer_scope: trio.CancelScope | None = None
+
+    @property
+    def active(self) -> int:
+        """Relays currently registered (connections in the data phase)."""
+        return len(self.relays)
+
+    # -- registration -------------------------------------------------------------------
+
+    def interest(self, fd: int, old: int, new: int) -> None:
+        """Change ``fd``'s epoll mask from ``old`` to ``new``; mask 0 means not in the set
+        (so a hung-up socket nobody waits on cannot report ``EPOLLHUP`` over and over).
+        Raises ``OSError``."""
+        if old == new:
+            return
+        if not old:
+            self.epoll.register(fd, new)
+        elif not new:
+            self.epoll.unregister(fd)
+        else:
+            self.epoll.modify(fd, new)
+
+    def forget(self, fd: int, mask: int) -> None:
+        """Take ``fd`` out of the epoll set (if ``mask``) and the handler table; call this
+        before closing it: the number is reused by the next descriptor opened."""
+        if mask:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already gone, or the epoll set is closed (shutdown)
+        self.handlers.pop(fd, None)
+        self._closed_fds.add(fd)
+
+    # -- timers -------------------------------------------------------------------------
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        """Run ``callback`` (from the reactor's timer task) at trio time ``deadline``."""
+        self._timer_seq += 1
+        timer = Timer(deadline, callback)
+        heapq.heappush(self._timers, (deadline, self._timer_seq, timer))
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+        return timer
+
+    def cancel_timer(self, timer: Timer) -> None:
+        if timer.callback is None:
+            return
+        timer.callback = None
+        self._timers_cancelled += 1
+        timers = self._timers
+        if len(timers) > 256 and self._timers_cancelled * 2 > len(timers):
+            self._timers = [t for t in timers if t[2].callback is not None]
+            heapq.heapify(self._timers)
+            self._timers_cancelled = 0
+
+    def _run_timers(self, now: float) -> float:
+        """Fire the due timers; drop cancelled ones from the top of the heap. Returns the
+        deadline of the next live timer (``inf`` if none)."""
+        timers = self._timers
+        while timers:
+            deadline, _, head = timers[0]
+            callback = head.callback
+            if callback is None:
+                heapq.heappop(timers)
+                self._timers_cancelled -= 1
+                continue
+            if deadline > now:
+                return deadline
+            heapq.heappop(timers)
+            head.callback = None
+            try:
+                callback()
+            except Exception:
+                log.exception("reactor_timer_failed")
+            timers = self._timers  # a callback may have compacted the heap
+        return math.inf
+
+    async def _timer_loop(self) -> None:
+        """Sleep until the earliest timer (``call_at`` moves the deadline earlier), fire the
+        due ones. Timers are rare (connect timeouts): this task seldom wakes up."""
+        while True:
+            deadline = self._run_timers(trio.current_time())
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dispatch events until cancelled; then abort everything still registered."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._timer_loop)
+                task_status.started()
+                await self._dispatch_loop()
+        finally:
+            self.stopped = True
+            self._timer_scope = None
+            self.close_all()
+            self.close()
+
+    async def _dispatch_loop(self) -> None:
+        epfd = self.epoll.fileno()
+        poll = self.epoll.poll
+        handlers = self.handlers
+        closed = self._closed_fds
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
+        while True:
+            await wait_readable(epfd)
+            rounds = 0
+            while True:
+                closed.clear()
+                events = poll(0, MAX_EVENTS)
+                if not events:
+                    break
+                for fd, mask in events:
+                    if closed and fd in closed:
+                        continue
+                    handler = handlers.get(fd)
+                    if handler is None:
+                        continue
+                    try:
+                        handler.on_event(fd, mask)
+                    except Exception:
+                        self._handler_failed(handler)
+                rounds += 1
+                if rounds >= MAX_ROUNDS:
+                    # Fairness: the other trio tasks (accept loops, health checks) run now.
+                    await checkpoint()
+                    rounds = 0
+
+    def _handler_failed(self, handler: EventHandler) -> None:
+        """A bug in a handler must not take every other connection down with it."""
+        log.exception("reactor_handler_failed")
+        try:
+            handler.abort("internal error")
+        except Exception:
+            log.exception("reactor_abort_failed")
+
+    def close_all(self) -> None:
+        """Abort every connect under way and every relay (shutdown)."""
+        handlers: list[EventHandler] = [*self.connectors, *self.relays]
+        for handler in handlers:
+            try:
+                handler.abort("shutdown")
+            except Exception:  # a failing callback must not leave the others open
+                log.exception("reactor_abort_failed")
+
+    def close(self) -> None:
+        """Close the epoll descriptor (idempotent). Relays must be gone (``close_all``)."""
+        self.stopped = True
+        self.epoll.close()
+
+
+ConnectedCallback = Callable[[socket.socket, NodeState, int], None]
+FailedCallback = Callable[[Exception], None]
+
+
+class NodeConnector:
+    """``open_node_connection`` as a reactor state machine (plain TCP, no task).
+
+    Same behaviour, attempt by attempt: up to ``retries`` picks over distinct nodes; a node
+    that backend authorization does not permit is never connected to (logged
+    ``node_unauthorized``, the pick still counts); the node's ``active`` count is raised from
+    the pick on and lowered again if the attempt fails; a failed attempt (socket, connect or
+    ``SO_ERROR`` error, or ``connect_timeout``) calls ``upstream.connect_failed`` and logs
+    ``connect_failed``; a success counts ``connections_total`` and calls
+    ``connect_succeeded``. At the end exactly one callback runs: ``on_connected(sock, node,
+    mask)`` (the socket is still in the epoll set with ``mask``: ``SocketRelay.start`` adopts
+    it) or ``on_failed(exc)`` with ``NoHealthyNode`` (nothing could be tried),
+    ``UpstreamConnectError`` (every attempt failed) or ``ReactorStopped`` (shutdown).
+
+    Resource handling: owns the socket of the attempt under way; hands the connected socket
+    to ``on_connected``.
+    """
+
+    __slots__ = (
+        "attempts",
+        "client_key",
+        "config",
+        "last_error",
+        "node",
+        "on_connected",
+        "on_failed",
+        "reactor",
+        "sock",
+        "timer",
+        "tried",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        upstream: UpstreamRuntime,
+        client_key: bytes,
+        on_connected: ConnectedCallback,
+        on_failed: FailedCallback,
+    ) -> None:
+        self.reactor = reactor
+        self.upstream = upstream
+        self.config = upstream.config
+        self.client_key = client_key
+        self.on_connected = on_connected
+        self.on_failed = on_failed
+        self.tried: list[NodeState] = []
+        self.attempts = 0
+        self.last_error: OSError | None = None
+        self.node: NodeState | None = None
+        self.sock: socket.socket | None = None
+        self.timer: Timer | None = None
+
+    def start(self) -> None:
+        """Begin connecting; a callback may run before this returns."""
+        if self.reactor.stopped:
+            self.on_failed(ReactorStopped("shutdown"))
+            return
+        self.reactor.connectors.add(self)
+        self._next()
+
+    def _next(self) -> None:
+        """Start the next attempt, or report the outcome when there is none left."""
+        upstream = self.upstream
+        config = self.config
+        reactor = self.reactor
+        while self.attempts < config.retries:
+            self.attempts += 1
+            node = upstream.pick(self.tried, self.client_key)
+            if node is None:
+                break
+            self.tried.append(node)
+            if not upstream.authorization.permits(node.address):
+                connect_log.error("node_unauthorized", upstream=upstream.name, node=node.key)
+                continue
+            # Counted on the node from the pick on (see open_node_connection).
+            node.active += 1
+            try:
+                sock = socket.socket(node.address.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:
+                self._attempt_failed(node, exc)
+                continue
+            try:
+                sock.setsockopt(*_NODELAY)
+                err = sock.connect_ex(node.address.sockaddr())
+                if err == errno.EINPROGRESS:
+                    fd = sock.fileno()
+                    reactor.epoll.register(fd, _EPOLLOUT)
+                    reactor.handlers[fd] = self
+                    self.node = node
+                    self.sock = sock
+                    self.timer = reactor.call_at(
+                        trio.current_time() + config.connect_timeout, self._timed_out
+                    )
+                    return
+                if err:
+                    raise OSError(err, os.strerror(err))
+            except OSError as exc:
+                sock.close()
+                self._attempt_failed(node, exc)
+                continue
+            self._connected(sock, node, 0)
+            return
+        reactor.connectors.discard(self)
+        failure: Exception
+        if self.last_error is None:
+            failure = NoHealthyNode(f"upstream {upstream.name}: no node available")
+        else:
+            failure = UpstreamConnectError(
+                f"upstream {upstream.name}: {len(self.tried)} connect attempt(s) failed, last: "
+                f"{self.last_error.strerror or self.last_error}"
+            )
+        self.on_failed(failure)
+
+    def on_event(self, fd: int, mask: int) -> None:
+        """The socket being connected is writable (connected) or in error."""
+        sock = self.sock
+        node = self.node
+        if sock is None or node is None or fd != sock.fileno():
+            return
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err:
+            self._drop_socket()
+            self._attempt_failed(node, OSError(err, os.strerror(err)))
+            self._next()
+            return
+        self.sock = None
+        self.node = None
+        if self.timer is not None:
+            self.reactor.cancel_timer(self.timer)
+            self.timer = None
+        self._connected(sock, node, _EPOLLOUT)
+
+    def _timed_out(self) -> None:
+        node = self.node
+        if self.sock is None or node is None:
+            return
+        self.timer = None
+        self._drop_socket()
+        timeout = self.config.connect_timeout
+        self._attempt_failed(
+            node, OSError(errno.ETIMEDOUT, f"connect timed out after {timeout:g}s")
+        )
+        self._next()
+
+    def _drop_socket(self) -> None:
+        """Unregister and close the socket of the attempt under way."""
+        sock = self.sock
+        if sock is not None:
+            self.reactor.forget(sock.fileno(), _EPOLLOUT)
+            sock.close()
+        self.sock = None
+        self.node = None
+        if self.timer is not None:
+            self.reactor.cancel_timer(self.timer)
+            self.timer = None
+
+    def _attempt_failed(self, node: NodeState, exc: OSError) -> None:
+        node.active -= 1
+        self.last_error = exc
+        self.upstream.connect_failed(node)
+        connect_log.info(
+            "connect_failed",
+            upstream=self.upstream.name,
+            node=node.key,
+            error=exc.strerror or str(exc),
+        )
+
+    def _connected(self, sock: socket.socket, node: NodeState, mask: int) -> None:
+        reactor = self.reactor
+        reactor.connectors.discard(self)
+        node.connections_total += 1
+        self.upstream.connect_succeeded(node)
+        fd = sock.fileno()
+        try:
+            self.on_connected(sock, node, mask)
+        finally:
+            if reactor.handlers.get(fd) is self:  # not adopted: never leave it registered
+                reactor.forget(fd, mask)
+
+    def abort(self, reason: str, *, reset: bool = False) -> None:
+        """Give up (shutdown): close the attempt under way and report ``ReactorStopped``."""
+        if self not in self.reactor.connectors:
+            return
+        self.reactor.connectors.discard(self)
+        node = self.node
+        self._drop_socket()
+        if node is not None:
+            node.active -= 1
+        self.on_failed(ReactorStopped(reason))
