@@ -301,7 +301,6 @@ async def serve_http_connection(
 class _Handler:
     __slots__ = (
         "bytes_in",
-        "denied",
         "bytes_out",
         "client",
         "client_ip",
@@ -311,6 +310,7 @@ class _Handler:
         "counted_in",
         "counted_out",
         "deadline",
+        "denied",
         "expired",
         "h",
         "io",
