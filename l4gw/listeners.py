@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 import trio
@@ -191,7 +192,10 @@ async def serve_listener(
                         )
                         await trio.sleep(backoff)
                         break
-                    raise
+                    # Anything else is unexpected: log it and keep the listener serving.
+                    log.error("accept_error", listener=listener.name, error=str(exc))
+                    await trio.sleep(0.1)
+                    break
                 backoff = 0.0
                 if listener.config.accept_proxy_protocol:
                     # The client's own address comes in the PROXY header: the ACL and the
@@ -220,14 +224,39 @@ async def serve_listener(
                         _start_proxy_tcp(listener, conn, addr, ctx, ctx.reactor, now)
                     else:
                         ctx.nursery.start_soon(
-                            _proxy_tcp, listener, conn, addr, ctx, now, b"", name=_TASK_NAME
+                            _guarded,
+                            _proxy_tcp,
+                            listener,
+                            conn,
+                            addr,
+                            ctx,
+                            now,
+                            b"",
+                            name=_TASK_NAME,
                         )
                 else:
-                    ctx.nursery.start_soon(_handle, listener, conn, addr, ctx, now, name=_TASK_NAME)
+                    ctx.nursery.start_soon(
+                        _guarded, _handle, listener, conn, addr, ctx, now, name=_TASK_NAME
+                    )
             else:
                 await trio.lowlevel.checkpoint()
     except trio.ClosedResourceError:
         return
+
+
+async def _guarded(
+    handler: Callable[..., Awaitable[None]], listener: ListenerRuntime, *args: Any
+) -> None:
+    """Run one connection's handler so that nothing it raises reaches the daemon.
+
+    Handlers close their sockets and settle their counters before an exception leaves
+    them; what is left here is a bug, which is logged with its traceback and costs only this
+    connection. Cancellation (the daemon closing connections) still propagates.
+    """
+    try:
+        await handler(listener, *args)
+    except Exception:
+        log.exception("connection_failed", listener=listener.name)
 
 
 async def _handle(
