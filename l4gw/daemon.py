@@ -16,7 +16,6 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,11 @@ import structlog
 import trio
 
 from . import __version__, systemd
-from .acl import BackendAuthorization, SourceACL
+from .acl import SourceACL
 from .admin import AdminHandlers, serve_admin
 from .config import Config, ConfigError, ListenerConfig, load_config, unsupported
-from .discovery import discovery_stats, serve_discovery
-from .health import find_monitor, node_status, nodes_changed, serve_health
+from .discovery import discovery_stats
+from .health import find_monitor, node_status
 from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
 from .logs import configure_logging
 from .metrics import render_metrics
@@ -41,6 +40,7 @@ from .relay import IdleSweeper, PipePool
 from .runtime import ListenerRuntime, ListenerStats
 from .tls import build_client_context, check_certificates
 from .upstream import UpstreamRuntime
+from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.daemon")
 
@@ -166,7 +166,7 @@ class Daemon:
         self.started_wall = time.time()
         self.draining = False
         self.stats: dict[str, ListenerStats] = {}
-        self.upstreams: dict[str, UpstreamRuntime] = {}
+        self.upstream_set = UpstreamSet(probes=not remote_health)
         self.listening: dict[str, _Listening] = {}
         self.pool = PipePool()
         self.sweeper = IdleSweeper()
@@ -179,29 +179,12 @@ class Daemon:
         self._hard_stop = trio.Event()
         self._ctx: ConnectionContext | None = None
         self._services: trio.Nursery | None = None
-        #: (upstream name, "health" | "discovery") -> the cancel scope of that task.
-        self._upstream_tasks: dict[tuple[str, str], trio.CancelScope] = {}
 
     # -- building runtime state from config ---------------------------------------------
 
-    def _authorization(self, config: Config) -> BackendAuthorization:
-        return BackendAuthorization(config.authorize)
-
-    def _apply_upstreams(self, config: Config) -> None:
-        authorization = self._authorization(config)
-        upstreams = dict(self.upstreams)
-        for name, up_config in config.upstreams.items():
-            existing = upstreams.get(name)
-            if existing is None:
-                upstreams[name] = UpstreamRuntime(up_config, authorization)
-            else:
-                existing.apply(up_config, authorization)
-        for name in list(upstreams):
-            if name not in config.upstreams:
-                for node in upstreams[name].nodes:
-                    node.in_service = False
-                del upstreams[name]
-        self.upstreams = upstreams
+    @property
+    def upstreams(self) -> dict[str, UpstreamRuntime]:
+        return self.upstream_set.runtimes
 
     def _listener_runtime(self, lc: ListenerConfig, access_log: bool) -> ListenerRuntime:
         stats = self.stats.setdefault(lc.name, ListenerStats())
@@ -226,7 +209,7 @@ class Daemon:
 
     def bind_all(self) -> None:
         """Bind every listener of the current config. Raises ``BindError`` (nothing left open)."""
-        self._apply_upstreams(self.config)
+        self.upstream_set.apply(self.config)
         bound: dict[str, _Listening] = {}
         try:
             for lc in self.config.listeners:
@@ -290,9 +273,7 @@ class Daemon:
                         )
                         # Discovery reports started after its first lookup, so the nodes it
                         # finds exist before the first connection is accepted.
-                        for up in self.upstreams.values():
-                            for kind, serve in self._upstream_services(up):
-                                await services.start(self._upstream_task, up, kind, serve)
+                        await self.upstream_set.start(services)
                         for service in self.extra_services:
                             await services.start(service, self)
                         for item in self.listening.values():
@@ -334,52 +315,6 @@ class Daemon:
                 await serve_listener(item.runtime, item.sock, ctx)
 
         self._services.start_soon(accept_loop)
-
-    def _upstream_services(
-        self, up: UpstreamRuntime
-    ) -> list[tuple[str, Callable[..., Awaitable[object]]]]:
-        """The background tasks an upstream needs: health always (it also runs passive
-        ejection), discovery when configured; a worker runs passive ejection only."""
-        if self.remote_health:
-            return [("health", partial(serve_health, probes=False))]
-        services: list[tuple[str, Callable[..., Awaitable[object]]]] = [("health", serve_health)]
-        if up.config.discovery is not None:
-            services.insert(0, ("discovery", serve_discovery))
-        return services
-
-    async def _upstream_task(
-        self,
-        up: UpstreamRuntime,
-        kind: str,
-        serve: Callable[..., Awaitable[object]],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run one health or discovery task of ``up`` under a scope a reload can cancel."""
-        key = (up.name, kind)
-        scope = trio.CancelScope()
-        self._upstream_tasks[key] = scope
-        try:
-            with scope:
-                await serve(up, task_status=task_status)
-        finally:
-            if self._upstream_tasks.get(key) is scope:
-                del self._upstream_tasks[key]
-
-    def _start_upstream_services(self) -> None:
-        """After a reload: start the tasks new upstreams need, stop those of removed ones."""
-        if self._services is None:
-            return
-        for (name, kind), scope in list(self._upstream_tasks.items()):
-            up = self.upstreams.get(name)
-            if up is None or (kind == "discovery" and up.config.discovery is None):
-                scope.cancel()
-                del self._upstream_tasks[(name, kind)]
-        for up in self.upstreams.values():
-            for kind, serve in self._upstream_services(up):
-                if (up.name, kind) not in self._upstream_tasks:
-                    self._services.start_soon(self._upstream_task, up, kind, serve)
-            nodes_changed(up)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -509,7 +444,7 @@ class Daemon:
         ):
             configure_logging(new.daemon.log_level, new.daemon.log_format)
         self.config = new
-        self._apply_upstreams(new)
+        self.upstream_set.apply(new)
         listening: dict[str, _Listening] = {}
         for name, item in self.listening.items():
             if name in keep:
@@ -536,7 +471,7 @@ class Daemon:
             if self._ctx is not None:
                 self._start_accepting(item)
         self.listening = listening
-        self._start_upstream_services()
+        self.upstream_set.restart()
 
     # -- visibility ---------------------------------------------------------------------
 

@@ -55,11 +55,10 @@ import structlog
 import trio
 
 from . import __version__
-from .acl import BackendAuthorization
 from .admin import ADMIN_TIMEOUT, MAX_REQUEST_HEAD, AdminHandlers
 from .config import Config, ConfigError
-from .discovery import discovery_stats, serve_discovery
-from .health import find_monitor, node_status, nodes_changed, serve_health
+from .discovery import discovery_stats
+from .health import find_monitor, node_status, nodes_changed
 from .listeners import BACKLOG, BindError, bind_listener
 from .logs import configure_logging
 from .metrics import render_metrics
@@ -67,6 +66,7 @@ from .netaddr import SocketAddress, parse_socket_address
 from .runtime import ListenerStats
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
 from .upstream import UpstreamRuntime
+from .upstreams import UpstreamSet
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -380,7 +380,7 @@ class ControlPlane(WorkerHooks):
         self.config_path = Path(os.path.abspath(config_path))
         self.python = python
         self.n = worker_count(config.daemon.workers)
-        self.upstreams: dict[str, UpstreamRuntime] = {}
+        self.upstream_set = UpstreamSet()
         self.draining = False
         self.reloads = 0
         self.reload_failures = 0
@@ -390,7 +390,6 @@ class ControlPlane(WorkerHooks):
         self._dir = ""
         self._channels: dict[int, _Channel] = {}
         self._services: trio.Nursery | None = None
-        self._upstream_tasks: dict[tuple[str, str], trio.CancelScope] = {}
         #: slot index -> (pid, cumulative families of its last /metrics page).
         self._counters: dict[int, tuple[int, dict[str, Family]]] = {}
         #: Cumulative families of workers that exited, so sums never go backwards.
@@ -493,60 +492,9 @@ class ControlPlane(WorkerHooks):
 
     # -- upstreams (as in Daemon, without traffic) ----------------------------------------
 
-    def _apply_upstreams(self, config: Config) -> None:
-        authorization = BackendAuthorization(config.authorize)
-        upstreams = dict(self.upstreams)
-        for name, up_config in config.upstreams.items():
-            existing = upstreams.get(name)
-            if existing is None:
-                upstreams[name] = UpstreamRuntime(up_config, authorization)
-            else:
-                existing.apply(up_config, authorization)
-        for name in [name for name in upstreams if name not in config.upstreams]:
-            for node in upstreams[name].nodes:
-                node.in_service = False
-            del upstreams[name]
-        self.upstreams = upstreams
-
-    @staticmethod
-    def _upstream_services(
-        up: UpstreamRuntime,
-    ) -> list[tuple[str, Callable[..., Awaitable[object]]]]:
-        services: list[tuple[str, Callable[..., Awaitable[object]]]] = [("health", serve_health)]
-        if up.config.discovery is not None:
-            services.insert(0, ("discovery", serve_discovery))
-        return services
-
-    async def _upstream_task(
-        self,
-        up: UpstreamRuntime,
-        kind: str,
-        serve: Callable[..., Awaitable[object]],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        key = (up.name, kind)
-        scope = trio.CancelScope()
-        self._upstream_tasks[key] = scope
-        try:
-            with scope:
-                await serve(up, task_status=task_status)
-        finally:
-            if self._upstream_tasks.get(key) is scope:
-                del self._upstream_tasks[key]
-
-    def _restart_upstream_services(self) -> None:
-        assert self._services is not None
-        for (name, kind), scope in list(self._upstream_tasks.items()):
-            up = self.upstreams.get(name)
-            if up is None or (kind == "discovery" and up.config.discovery is None):
-                scope.cancel()
-                del self._upstream_tasks[(name, kind)]
-        for up in self.upstreams.values():
-            for kind, serve in self._upstream_services(up):
-                if (up.name, kind) not in self._upstream_tasks:
-                    self._services.start_soon(self._upstream_task, up, kind, serve)
-            nodes_changed(up)
+    @property
+    def upstreams(self) -> dict[str, UpstreamRuntime]:
+        return self.upstream_set.runtimes
 
     # -- reload ---------------------------------------------------------------------------
 
@@ -571,8 +519,8 @@ class ControlPlane(WorkerHooks):
         if (new.daemon.log_level, new.daemon.log_format) != (old.log_level, old.log_format):
             configure_logging(new.daemon.log_level, new.daemon.log_format)
         self.config = new
-        self._apply_upstreams(new)
-        self._restart_upstream_services()
+        self.upstream_set.apply(new)
+        self.upstream_set.restart()
         self.reloads += 1
         log.info("reloaded", role="control", file=str(self.config_path))
         return True
@@ -592,12 +540,10 @@ class ControlPlane(WorkerHooks):
                 self._dir = tempfile.mkdtemp(prefix="l4gw-workers-")
                 async with trio.open_nursery() as services:
                     self._services = services
-                    self._apply_upstreams(self.config)
+                    self.upstream_set.apply(self.config)
                     # As in Daemon.run: discovery reports started after its first lookup, so
                     # the first state a worker gets holds the nodes found.
-                    for up in self.upstreams.values():
-                        for kind, serve in self._upstream_services(up):
-                            await services.start(self._upstream_task, up, kind, serve)
+                    await self.upstream_set.start(services)
                     if admin_sock is not None:
                         await services.start(self._serve_admin, admin_sock)
                     self._pushed = self._message()
