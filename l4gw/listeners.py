@@ -550,40 +550,17 @@ async def _relay_stream(
     started: float,
 ) -> None:
     """L4 with TLS terminated here: copy loop between the TLS stream and the node."""
-    stats = listener.stats
     try:
         node_sock, node = await _connect(listener, client, conn.getsockname, b"")
     except BaseException as exc:
-        stats.active -= 1
-        outcome = exc.outcome if isinstance(exc, GatewayError) else "error"
-        stats.outcomes[outcome] += 1
-        await trio.aclose_forcefully(stream)
-        log_connection(listener, client, None, 0, 0, started, outcome, str(exc))
+        _connect_failed(listener, conn, client, started, b"", exc)  # closes the stream's socket
         if not isinstance(exc, (GatewayError, OSError)):
             raise
         return
     upstream_name = listener.config.upstream
     assert upstream_name is not None
     sweeper = ctx.sweeper
-
-    def finish(relay: Relay) -> None:
-        sweeper.discard(relay)
-        node.active -= 1
-        stats.active -= 1
-        stats.bytes_in += relay.bytes_in
-        stats.bytes_out += relay.bytes_out
-        stats.outcomes["proxied"] += 1
-        log_connection(
-            listener,
-            client,
-            node,
-            relay.bytes_in,
-            relay.bytes_out,
-            started,
-            "proxied",
-            relay.reason,
-        )
-
+    finish = _finisher(listener, client, node, sweeper, started, b"")
     relay = StreamRelay(
         stream,
         trio.SocketStream(trio.socket.from_stdlib_socket(node_sock)),
