@@ -18,6 +18,7 @@ from bench.peers import Settings, all_targets, check_l4gw
 from bench.procs import REPO_ROOT, raise_nofile_limit
 from bench.report import Results, machine_info, table, to_json, write_json
 from bench.runner import Plan, execute, say, select_measurements
+from bench.tlscert import KEY_TYPES
 
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "latest.json"
 
@@ -58,6 +59,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"targets to compare: {', '.join(target_names)} (default: all available)",
     )
     p.add_argument("--mode", choices=["tcp", "http"], default="tcp", help="listener mode")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --mode http: every proxy terminates TLS (self-signed certificate made for the "
+        "run); measures tls_rps, tls_cps (resumed handshakes) and tls_full_cps (full "
+        "handshakes) instead of the plain figures; direct has no TLS and is left out",
+    )
+    p.add_argument(
+        "--tls-key",
+        choices=KEY_TYPES,
+        default="ec256",
+        help="key of the --tls certificate: ECDSA P-256 or RSA 2048 (default ec256)",
+    )
     p.add_argument("--workers", type=int, default=1, help="l4gw [daemon] workers (default 1)")
     p.add_argument(
         "--idle-conns",
@@ -93,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.idle_conns < 1 or args.workers < 0:
         p.error("--runs, --duration and --idle-conns must be positive, --workers >= 0")
+    if args.tls and args.mode != "http":
+        p.error("--tls needs --mode http")
     args.only = _names(args.only, list(MEASUREMENTS), "measurement")
     args.targets = _names(args.targets, target_names, "target")
     try:
@@ -121,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         haproxy_nbthread=args.haproxy_nbthread,
         haproxy_splice=args.haproxy_splice,
         nofile=nofile,
+        tls=args.tls,
+        tls_key_type=args.tls_key,
     )
     idle_conns = min(args.idle_conns, settings.maxconn - 100)
     if idle_conns < args.idle_conns:
@@ -128,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             f"idle connections capped at {idle_conns} (not {args.idle_conns}): "
             f"RLIMIT_NOFILE is {nofile} and a proxy holds two descriptors per connection"
         )
-    measurements, notes = select_measurements(args.only, args.mode)
+    measurements, notes = select_measurements(args.only, args.mode, args.tls)
     for note in notes:
         say(note)
     if not measurements:
         say("nothing to measure")
         return 1
 
-    res = Results(runs=args.runs, targets=[])
+    res = Results(runs=args.runs, targets=[], mode=args.mode)
     targets = []
     for target in all_targets():
         if args.targets and target.name not in args.targets:
@@ -166,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     say(
         f"{args.runs} run(s) x {', '.join(m.name for m in measurements)} x "
         f"{', '.join(res.targets)}; {args.duration:g}s each; mode {args.mode}"
+        + (f", TLS ({args.tls_key} certificate)" if args.tls else "")
     )
     interrupted = False
     try:
@@ -178,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "duration_s": args.duration,
         "mode": args.mode,
+        "tls": args.tls,
+        "tls_key": args.tls_key if args.tls else None,
         "workers": args.workers,
         "idle_conns": idle_conns,
         "allowlist": args.allowlist,

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import re
+import resource
 import selectors
 import socket
 import subprocess
@@ -49,6 +50,24 @@ FIGURES: dict[str, Figure] = {
         Figure("cps_p99_ms", "  new-connection latency p99", "ms", False, 3),
         Figure("cps_errors", "  new-connection errors", "count", False, 0),
         Figure("cps_cpu_pct", "  proxy CPU during new connections", "%", False, 0),
+        Figure("tls_rps", "TLS keep-alive requests/s (50 conns)", "req/s", True, 0),
+        Figure("tls_rps_p50_ms", "  TLS keep-alive latency p50", "ms", False, 3),
+        Figure("tls_rps_p99_ms", "  TLS keep-alive latency p99", "ms", False, 3),
+        Figure("tls_rps_errors", "  TLS keep-alive errors", "count", False, 0),
+        Figure("tls_rps_cpu_pct", "  proxy CPU during TLS keep-alive", "%", False, 0),
+        Figure("tls_rps_client_cpu_pct", "  wrk CPU during TLS keep-alive", "%", False, 0),
+        Figure("tls_cps", "TLS handshakes/s, resumed session", "hs/s", True, 0),
+        Figure("tls_cps_p50_ms", "  resumed-handshake latency p50", "ms", False, 3),
+        Figure("tls_cps_p99_ms", "  resumed-handshake latency p99", "ms", False, 3),
+        Figure("tls_cps_errors", "  resumed-handshake errors", "count", False, 0),
+        Figure("tls_cps_cpu_pct", "  proxy CPU during resumed handshakes", "%", False, 0),
+        Figure("tls_cps_client_cpu_pct", "  wrk CPU during resumed handshakes", "%", False, 0),
+        Figure("tls_full_cps", "TLS handshakes/s, full (no tickets)", "hs/s", True, 0),
+        Figure("tls_full_cps_p50_ms", "  full-handshake latency p50", "ms", False, 3),
+        Figure("tls_full_cps_p99_ms", "  full-handshake latency p99", "ms", False, 3),
+        Figure("tls_full_cps_errors", "  full-handshake errors", "count", False, 0),
+        Figure("tls_full_cps_cpu_pct", "  proxy CPU during full handshakes", "%", False, 0),
+        Figure("tls_full_cps_client_cpu_pct", "  wrk CPU during full handshakes", "%", False, 0),
         Figure("rss_kib_per_conn", "RSS per idle proxied connection", "KiB", False, 2),
         Figure("rss_idle_mib", "  RSS idle (after warm-up)", "MiB", False, 1),
         Figure("rss_loaded_mib", "  RSS with the idle connections", "MiB", False, 1),
@@ -69,6 +88,8 @@ class Measurement:
     modes: frozenset[str]
     needs_proxy: bool  # False: direct takes part too
     run: Callable[[Proxied, Options], dict[str, float]]
+    tls: bool = False  # measured with --tls (the proxies terminate TLS), and only then
+    tls_resume: bool = True  # False: the peers are set not to resume TLS sessions
 
 
 @contextlib.contextmanager
@@ -167,12 +188,13 @@ def parse_wrk(text: str) -> dict[str, float]:
     return out
 
 
-def wrk(port: int, duration: float, close: bool) -> dict[str, float]:
+def wrk(port: int, duration: float, close: bool, tls: bool = False) -> dict[str, float]:
+    """``wrk -t1 -c50``, over TLS with ``tls`` (wrk does not verify the certificate)."""
     secs = max(1, round(duration))
     argv = ["wrk", "-t1", "-c50", f"-d{secs}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{HOST}:{port}/")
+    argv.append(f"{'https' if tls else 'http'}://{HOST}:{port}/")
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -183,13 +205,27 @@ def wrk(port: int, duration: float, close: bool) -> dict[str, float]:
     return result
 
 
-def _wrk(close: bool) -> Callable[[Proxied, Options], dict[str, float]]:
-    prefix = "cps" if close else "rps"
+def _wrk(
+    close: bool, tls: bool = False, prefix: str | None = None
+) -> Callable[[Proxied, Options], dict[str, float]]:
+    if prefix is None:
+        prefix = ("tls_" if tls else "") + ("cps" if close else "rps")
 
     def run(target: Proxied, opts: Options) -> dict[str, float]:
+        if tls and target.tls is None:
+            raise BenchError(f"{prefix}: this target does not terminate TLS")
+        if not tls and target.tls is not None:
+            raise BenchError(f"{prefix}: this target speaks TLS (--tls), not plain HTTP")
         out: dict[str, float] = {}
+        # Over TLS the client does as much crypto as the proxy: its CPU use (wrk is the only
+        # child that ends during the block) says whether it, rather than the proxy, set the pace.
+        usage0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
         with cpu_meter(target.pid, prefix, out):
-            res = wrk(target.port, opts.duration, close)
+            res = wrk(target.port, opts.duration, close, tls)
+        if tls:
+            usage1, elapsed = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - t0
+            cpu = usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
+            out[f"{prefix}_client_cpu_pct"] = 100.0 * cpu / elapsed
         out[prefix] = res["rps"]
         out[f"{prefix}_errors"] = res["errors"]
         for pct in ("p50", "p99"):
@@ -308,6 +344,7 @@ def idle_rss(target: Proxied, opts: Options) -> dict[str, float]:
 
 TCP_HTTP = frozenset({"tcp", "http"})
 TCP = frozenset({"tcp"})
+HTTP = frozenset({"http"})
 
 MEASUREMENTS: dict[str, Measurement] = {
     m.name: m
@@ -316,6 +353,18 @@ MEASUREMENTS: dict[str, Measurement] = {
         Measurement("bulk_rev", "iperf", TCP, False, _bulk(reverse=True)),
         Measurement("rps", "http", TCP_HTTP, False, _wrk(close=False)),
         Measurement("cps", "http", TCP_HTTP, False, _wrk(close=True)),
+        Measurement("tls_rps", "http", HTTP, True, _wrk(close=False, tls=True), tls=True),
+        Measurement("tls_cps", "http", HTTP, True, _wrk(close=True, tls=True), tls=True),
+        # The same as tls_cps, with proxies that issue no session tickets: full handshakes.
+        Measurement(
+            "tls_full_cps",
+            "http",
+            HTTP,
+            True,
+            _wrk(close=True, tls=True, prefix="tls_full_cps"),
+            tls=True,
+            tls_resume=False,
+        ),
         Measurement("rss", "hold", TCP, True, idle_rss),
     ]
 }

@@ -36,9 +36,22 @@ from bench.procs import (
     run_text,
     wait_port_listening,
 )
+from bench.tlscert import TLSFiles
 
 HOST = "127.0.0.1"
 HAPROXY_MAXPIPES = 256  # with --haproxy-splice; HAProxy's default (maxconn/4) needs more fds
+# TLS 1.2 suites offered by the peers with --tls: l4gw's own list (Mozilla "intermediate", see
+# l4gw/tls.py), so that every proxy negotiates the same suite; TLS 1.3 suites are OpenSSL's.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 
 @dataclass
@@ -52,6 +65,20 @@ class Settings:
     haproxy_nbthread: int = 1
     haproxy_splice: bool = False
     nofile: int = 20000  # RLIMIT_NOFILE the proxies inherit
+    tls: bool = False  # --tls: the proxies terminate TLS (http mode)
+    tls_key_type: str = "ec256"  # --tls-key
+    tls_files: TLSFiles | None = None  # the certificate, made by the runner in its temp dir
+    # False for the full-handshake figure: no proxy issues TLS session tickets (nor keeps a
+    # session cache), so no new connection can resume a session. See bench/tlscert.py.
+    tls_resume: bool = True
+
+    def tls_or_none(self) -> TLSFiles | None:
+        """The certificate when the proxies terminate TLS; an error if it was not made."""
+        if not self.tls:
+            return None
+        if self.tls_files is None:
+            raise BenchError("--tls: no certificate was made (tls_files is not set)")
+        return self.tls_files
 
     @property
     def maxconn(self) -> int:
@@ -172,10 +199,14 @@ def nginx_stream_module() -> tuple[bool, str]:
 
 @dataclass
 class Proxied:
-    """Where a client connects for one measurement, and the proxy's PID (None for direct)."""
+    """Where a client connects for one measurement, and the proxy's PID (None for direct).
+
+    ``tls`` is set when the proxy terminates TLS on that port (``--tls``).
+    """
 
     port: int
     pid: int | None
+    tls: TLSFiles | None = None
 
 
 class Target(ABC):
@@ -197,6 +228,11 @@ class Target(ABC):
 
 class Direct(Target):
     name = "direct"
+
+    def unavailable(self, settings: Settings) -> str | None:
+        if settings.tls:
+            return "no TLS endpoint (the backend speaks plain HTTP): --tls compares the proxies"
+        return None
 
     @contextlib.contextmanager
     def open(self, backend_port: int, workdir: Path, settings: Settings) -> Iterator[Proxied]:
@@ -223,10 +259,18 @@ class HAProxy(Target):
             mode += "    timeout http-keep-alive 300s"
         else:
             mode = "mode tcp"
+        tls, ssl_global = "", ""
+        files = s.tls_or_none()
+        if files is not None:
+            tls = f" ssl crt {files.pem}"
+            ssl_global = f"    ssl-default-bind-ciphers {TLS12_CIPHERS}\n"
+            if not s.tls_resume:
+                tls += " no-tls-tickets"
+                ssl_global += "    tune.ssl.cachesize 0\n"
         return f"""global
     nbthread {s.haproxy_nbthread}
     maxconn {s.maxconn}
-{pipes}
+{pipes}{ssl_global}
 defaults
     {mode}
     maxconn {s.maxconn}
@@ -237,7 +281,7 @@ defaults
     timeout server-fin 5s
 {splice}
 frontend bench
-    bind {HOST}:{listen_port} backlog 4096
+    bind {HOST}:{listen_port} backlog 4096{tls}
 {acl}    default_backend nodes
 
 backend nodes
@@ -252,7 +296,7 @@ backend nodes
         proc = Managed("haproxy", ["haproxy", "-db", "-f", str(conf)], workdir / "haproxy.log")
         try:
             wait_port_listening(proc, port)
-            yield Proxied(port, proc.pid)
+            yield Proxied(port, proc.pid, settings.tls_or_none())
         finally:
             proc.stop()
 
@@ -274,6 +318,16 @@ class NginxProxy(Target):
         if cidrs is not None:
             acl = "".join(f"        allow {c};\n" for c in cidrs) + "        deny all;\n"
         listen = f"listen {HOST}:{listen_port} backlog=4096;"
+        files = s.tls_or_none()
+        if files is not None:
+            listen = f"listen {HOST}:{listen_port} ssl backlog=4096;"
+            listen += f"\n        ssl_certificate {files.cert};"
+            listen += f"\n        ssl_certificate_key {files.key};"
+            listen += "\n        ssl_protocols TLSv1.2 TLSv1.3;"
+            listen += f"\n        ssl_ciphers {TLS12_CIPHERS};"
+            listen += "\n        ssl_prefer_server_ciphers on;"
+            # No session cache is nginx's default; tickets are on unless told otherwise.
+            listen += f"\n        ssl_session_tickets {'on' if s.tls_resume else 'off'};"
         if s.mode == "http":
             body = f"""http {{
 @TEMP@
@@ -312,7 +366,7 @@ class NginxProxy(Target):
         proc = Managed("nginx", argv, workdir / "nginx.log")
         try:
             wait_port_listening(proc, port)
-            yield Proxied(port, proc.pid)
+            yield Proxied(port, proc.pid, settings.tls_or_none())
         finally:
             proc.stop()
 
@@ -337,6 +391,9 @@ class L4gw(Target):
         cidrs = s.allow_cidrs()
         if cidrs is not None:
             listener["allow"] = cidrs
+        files = s.tls_or_none()
+        if files is not None:
+            listener["tls"] = {"certificates": [{"cert": str(files.cert), "key": str(files.key)}]}
         doc: dict[str, Any] = {
             "daemon": {
                 "admin": f"{HOST}:{admin_port}",
@@ -363,6 +420,10 @@ class L4gw(Target):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
+        files = settings.tls_or_none()
+        if files is not None and not settings.tls_resume:
+            # l4gw has no setting for session tickets: OpenSSL's own configuration turns them off.
+            env["OPENSSL_CONF"] = str(files.no_tickets_conf)
         argv = [sys.executable, "-m", "l4gw.cli", "run", "-c", str(conf)]
         proc = Managed(self.name, argv, workdir / "l4gw.log", cwd=REPO_ROOT, env=env)
         healthz = f"http://{HOST}:{admin}/healthz"
@@ -370,7 +431,7 @@ class L4gw(Target):
             proc.wait_ready(
                 lambda: port in listening_ports() and http_status(healthz) == 200, timeout=20
             )
-            yield Proxied(port, proc.pid)
+            yield Proxied(port, proc.pid, settings.tls_or_none())
             if not proc.alive():
                 raise proc.fail("died during the measurement")
         finally:

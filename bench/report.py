@@ -42,12 +42,20 @@ class Goal:
         return not (self.maximum is not None and value > self.maximum)
 
 
-GOALS = [
-    Goal("bulk_gbps", "haproxy", minimum=1.2),
-    Goal("rps", "haproxy", minimum=0.6),
-    Goal("cps", "haproxy", minimum=0.5),
-    Goal("rss_kib_per_conn", None, maximum=10.0),
-]
+#: The issues' goals by listener mode: tcp against HAProxy mode tcp, http against HAProxy
+#: mode http (one thread each).
+GOALS = {
+    "tcp": [
+        Goal("bulk_gbps", "haproxy", minimum=1.2),
+        Goal("rps", "haproxy", minimum=0.6),
+        Goal("cps", "haproxy", minimum=0.5),
+        Goal("rss_kib_per_conn", None, maximum=10.0),
+    ],
+    "http": [
+        Goal("rps", "haproxy", minimum=0.25),
+        Goal("cps", "haproxy", minimum=0.25),
+    ],
+}
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Results:
 
     runs: int
     targets: list[str]
+    mode: str = "tcp"
     values: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # target -> why
@@ -111,7 +120,7 @@ def table(res: Results) -> str:
     ratios, and the range of the last one over the runs) and the goal."""
     targets = [t for t in res.targets if any(t in res.values.get(f, {}) for f in FIGURES)]
     header = ["figure", "unit", *targets, *(f"{a}/{b}" for a, b in RATIOS), "range", "goal"]
-    goals = {g.figure: g for g in GOALS}
+    goals = {g.figure: g for g in GOALS.get(res.mode, [])}
     rows: list[list[str]] = []
     for key, fig in FIGURES.items():
         if key not in res.values:
@@ -189,7 +198,7 @@ def to_json(res: Results, machine: dict[str, Any], settings: dict[str, Any]) -> 
             "value": res.goal_value(g),
             "met": g.check(res.goal_value(g)),
         }
-        for g in GOALS
+        for g in GOALS.get(res.mode, [])
         if g.figure in res.values
     ]
     machine = dict(machine, loadavg_end=os.getloadavg()[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from bench.measure import FIGURES, MEASUREMENTS, Measurement, Options
 from bench.peers import Settings, Target, start_backend
 from bench.procs import BenchError, StartupError
 from bench.report import Results
+from bench.tlscert import make_tls_files
 
 # A target that fails to start this many times in a row is left out of the remaining runs.
 MAX_STARTUP_FAILURES = 2
@@ -46,6 +48,8 @@ def execute(plan: Plan, res: Results) -> None:
     plan.workdir = workdir
     startup_failures = dict.fromkeys((t.name for t in plan.targets), 0)
     try:
+        if plan.settings.tls and plan.settings.tls_files is None:
+            plan.settings.tls_files = make_tls_files(workdir / "tls", plan.settings.tls_key_type)
         with contextlib.ExitStack() as stack:
             backends: dict[str, int] = {}
             for m in plan.measurements:
@@ -55,6 +59,9 @@ def execute(plan: Plan, res: Results) -> None:
                 shift = run % len(plan.targets)
                 order = plan.targets[shift:] + plan.targets[:shift]
                 for m in plan.measurements:
+                    settings = plan.settings
+                    if m.tls_resume != settings.tls_resume:
+                        settings = dataclasses.replace(settings, tls_resume=m.tls_resume)
                     for target in order:
                         if target.name in res.skipped:
                             continue
@@ -67,7 +74,7 @@ def execute(plan: Plan, res: Results) -> None:
                         label = f"[run {run + 1}/{plan.runs}] {m.name:<8} {target.name:<9}"
                         t0 = time.monotonic()
                         try:
-                            with target.open(backends[m.backend], tdir, plan.settings) as prox:
+                            with target.open(backends[m.backend], tdir, settings) as prox:
                                 values = m.run(prox, plan.options)
                         except BenchError as exc:
                             res.errors.append(
@@ -98,15 +105,23 @@ def execute(plan: Plan, res: Results) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def select_measurements(only: list[str], mode: str) -> tuple[list[Measurement], list[str]]:
-    """The measurements to run, in table order, and notes on those left out for ``mode``."""
-    names = only or list(MEASUREMENTS)
+def select_measurements(
+    only: list[str], mode: str, tls: bool = False
+) -> tuple[list[Measurement], list[str]]:
+    """The measurements to run, in table order, and notes on those left out for ``mode``.
+
+    With ``tls`` only the TLS measurements run (every proxy then terminates TLS), without it
+    only the others; a measurement of the other kind is noted only when ``only`` names it.
+    """
+    names = only or [name for name, m in MEASUREMENTS.items() if m.tls == tls]
     chosen, notes = [], []
     for name in MEASUREMENTS:
         if name not in names:
             continue
         m = MEASUREMENTS[name]
-        if mode in m.modes:
+        if m.tls != tls:
+            notes.append(f"{name}: {'not measured with' if tls else 'needs'} --tls")
+        elif mode in m.modes:
             chosen.append(m)
         else:
             notes.append(f"{name}: not measured in {mode} mode")
