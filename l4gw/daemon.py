@@ -48,26 +48,6 @@ log = structlog.get_logger("l4gw.daemon")
 NOT_BUILT: frozenset[str] = frozenset()
 
 
-MetricFamily = tuple[str, str, str, list[tuple[dict[str, object], float]]]
-
-#: as_dict() key -> (metric name, help) for the health monitor and discovery counters.
-HEALTH_COUNTERS = {
-    "checks_total": ("l4gw_health_checks_total", "Active health checks run."),
-    "checks_failed_total": ("l4gw_health_checks_failed_total", "Active health checks failed."),
-    "ejections_total": ("l4gw_ejections_total", "Passive ejections of nodes."),
-    "ejections_refused_total": (
-        "l4gw_ejections_refused_total",
-        "Ejections not made because max_ejected_percent was reached.",
-    ),
-}
-DISCOVERY_COUNTERS = {
-    "lookups_total": ("l4gw_discovery_lookups_total", "DNS discovery lookups."),
-    "failures_total": ("l4gw_discovery_failures_total", "DNS lookups that failed."),
-    "empty_total": ("l4gw_discovery_empty_total", "DNS answers with no usable address."),
-    "changes_total": ("l4gw_discovery_changes_total", "DNS answers that changed the node set."),
-}
-
-
 def config_problems(config: Config) -> list[str]:
     """Problems that make a parsed config unusable: features this build lacks, and the
     files it names (certificates and keys that are unreadable, mismatched, expired or not
@@ -532,24 +512,6 @@ class Daemon:
             "unauthorized_dropped": up.unauthorized_dropped,
         }
 
-    def _subsystem_metrics(self) -> list[MetricFamily]:
-        """Counter families of the health monitors and DNS discovery, one sample per upstream."""
-        families: list[MetricFamily] = []
-        sources: list[tuple[Callable[[UpstreamRuntime], Any], dict[str, tuple[str, str]]]] = [
-            (find_monitor, HEALTH_COUNTERS),
-            (discovery_stats, DISCOVERY_COUNTERS),
-        ]
-        for find, counters in sources:
-            found = [(up.name, find(up)) for up in self.upstreams.values()]
-            for key, (name, help_text) in counters.items():
-                samples: list[tuple[dict[str, object], float]] = [
-                    ({"upstream": up_name}, obj.as_dict()[key])
-                    for up_name, obj in found
-                    if obj is not None
-                ]
-                families.append((name, "counter", help_text, samples))
-        return families
-
     def metrics_text(self) -> str:
         for up in self.upstreams.values():
             up.forget_retired()
@@ -584,6 +546,6 @@ class Daemon:
                     "1 while the daemon drains before stopping.",
                     [({}, int(self.draining))],
                 ),
-                *self._subsystem_metrics(),
+                *self.upstream_set.metric_families(),
             ],
         )

@@ -11,6 +11,10 @@ from collections.abc import Iterable, Mapping
 from .runtime import Histogram, ListenerStats
 from .upstream import UpstreamRuntime
 
+#: (name, type, help, samples) of one metric family from a subsystem; a sample is
+#: (labels, value).
+MetricFamily = tuple[str, str, str, list[tuple[dict[str, object], float]]]
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

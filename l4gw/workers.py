@@ -794,7 +794,6 @@ class ControlPlane(WorkerHooks):
         }
 
     def _own_metrics(self) -> str:
-        from .daemon import DISCOVERY_COUNTERS, HEALTH_COUNTERS
 
         extra: list[tuple[str, str, str, list[tuple[dict[str, object], float]]]] = [
             (
@@ -816,19 +815,7 @@ class ControlPlane(WorkerHooks):
                 [({}, int(self.draining))],
             ),
         ]
-        sources: list[tuple[Callable[[UpstreamRuntime], Any], dict[str, tuple[str, str]]]] = [
-            (find_monitor, HEALTH_COUNTERS),
-            (discovery_stats, DISCOVERY_COUNTERS),
-        ]
-        for find, counters in sources:
-            found = [(up.name, find(up)) for up in self.upstreams.values()]
-            for key, (name, help_text) in counters.items():
-                samples: list[tuple[dict[str, object], float]] = [
-                    ({"upstream": up_name}, obj.as_dict()[key])
-                    for up_name, obj in found
-                    if obj is not None
-                ]
-                extra.append((name, "counter", help_text, samples))
+        extra += self.upstream_set.metric_families()
         running = sum(1 for slot in self.supervisor.slots if slot.running)
         extra.append(("l4gw_workers", "gauge", "Worker processes running.", [({}, running)]))
         extra.append(
