@@ -452,6 +452,19 @@ class Daemon:
                 self._start_accepting(item)
         self.listening = listening
         self.upstream_set.restart()
+        # Connections to removed nodes or on removed listeners get drain_timeout to finish.
+        names = set(listening)
+        draining = self.sweeper.drain_removed(
+            lambda relay: (
+                relay.listener not in names
+                or (relay.node_state is not None and not relay.node_state.in_service)
+            ),
+            trio.current_time() + new.daemon.drain_timeout,
+        )
+        if draining:
+            log.info(
+                "reload_draining", connections=draining, drain_timeout=new.daemon.drain_timeout
+            )
 
     # -- visibility ---------------------------------------------------------------------
 
@@ -533,6 +546,13 @@ class Daemon:
                     "counter",
                     "Rejected configuration reloads.",
                     [({}, self.reload_failures)],
+                ),
+                (
+                    "l4gw_drained_after_reload_total",
+                    "counter",
+                    "Connections closed drain_timeout after a reload removed their node or "
+                    "listener.",
+                    [({}, self.sweeper.closed_drained)],
                 ),
                 (
                     "l4gw_idle_timeouts_total",

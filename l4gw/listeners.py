@@ -449,7 +449,7 @@ def _start_proxy_tcp(
             upstream.config.idle_timeout,
             _finisher(listener, client, node, sweeper, started, b""),
         )
-        sweeper.add(relay)
+        sweeper.add(relay, listener=listener.name, node=node)
         relay.start(node_mask=mask, read_now=True)
 
     def failed(exc: Exception) -> None:
@@ -482,7 +482,7 @@ async def _proxy_tcp(
     finish = _finisher(listener, client, node, sweeper, started, early)
     if ctx.reactor is not None:
         relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish)
-        sweeper.add(relay)
+        sweeper.add(relay, listener=listener.name, node=node)
         relay.start(read_now=True)
     else:
         stream_relay = StreamRelay(
@@ -491,7 +491,7 @@ async def _proxy_tcp(
             idle_timeout,
             finish,
         )
-        sweeper.add(stream_relay)
+        sweeper.add(stream_relay, listener=listener.name, node=node)
         await stream_relay.run(ctx.nursery)
 
 
@@ -567,7 +567,7 @@ async def _relay_stream(
         listener.upstreams[upstream_name].config.idle_timeout,
         finish,
     )
-    sweeper.add(relay)
+    sweeper.add(relay, listener=listener.name, node=node)
     await relay.run(ctx.nursery)
 
 

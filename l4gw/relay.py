@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from .nodes import NodeState
+
 if TYPE_CHECKING:
     from .reactor import Reactor
 
@@ -139,9 +141,12 @@ class Relay:
         "bytes_in",
         "bytes_out",
         "closed",
+        "drain_deadline",
         "idle_checked_total",
         "idle_since",
         "idle_timeout",
+        "listener",
+        "node_state",
         "on_finish",
         "pumps",
         "reason",
@@ -158,6 +163,11 @@ class Relay:
         self.on_finish = on_finish
         #: Why the connection ended abnormally ("" for a clean close on both sides).
         self.reason = ""
+        #: The listener name and node it belongs to (set by ``IdleSweeper.add``), and when it
+        #: must end because a reload removed either (``drain_timeout`` after the reload).
+        self.listener = ""
+        self.node_state: NodeState | None = None
+        self.drain_deadline: float | None = None
 
     def abort(self, reason: str, *, reset: bool = False) -> None:
         """Close both sides now; running pumps wake up and stop."""
@@ -565,19 +575,23 @@ async def copy_pump(
 
 
 class IdleSweeper:
-    """Aborts relays that moved no byte either way for their ``idle_timeout``.
+    """Aborts relays that moved no byte either way for their ``idle_timeout``, and relays
+    whose node or listener a reload removed once their ``drain_timeout`` has passed.
 
     Precision: a relay is closed between ``idle_timeout`` and ``idle_timeout + tick`` seconds
-    after its last byte; ``tick`` is a quarter of the smallest timeout seen, within
-    [50 ms, 1 s].
+    after its last byte (likewise after its drain deadline); ``tick`` is a quarter of the
+    smallest timeout seen, within [50 ms, 1 s].
     """
 
     def __init__(self) -> None:
         self.relays: set[Relay] = set()
         self.tick = 1.0
         self.closed_idle = 0
+        self.closed_drained = 0
 
-    def add(self, relay: Relay) -> None:
+    def add(self, relay: Relay, *, listener: str = "", node: NodeState | None = None) -> None:
+        relay.listener = listener
+        relay.node_state = node
         self.relays.add(relay)
         if relay.idle_timeout / 4 < self.tick:
             self.tick = max(0.05, relay.idle_timeout / 4)
@@ -585,14 +599,36 @@ class IdleSweeper:
     def discard(self, relay: Relay) -> None:
         self.relays.discard(relay)
 
+    def drain_removed(self, removed: Callable[[Relay], bool], deadline: float) -> int:
+        """After a reload: relays for which ``removed`` is true end at ``deadline`` (unless
+        they end before); a relay whose node or listener came back loses its deadline.
+        Returns how many relays now have a deadline."""
+        draining = 0
+        for relay in self.relays:
+            if removed(relay):
+                if relay.drain_deadline is None:
+                    relay.drain_deadline = deadline
+                draining += 1
+            else:
+                relay.drain_deadline = None
+        return draining
+
     def sweep(self, now: float) -> None:
-        """Check every relay once; abort those idle for their whole timeout."""
+        """Check every relay once; abort those idle for their whole timeout and those past
+        their drain deadline."""
         for relay in list(self.relays):
+            if relay.closed:
+                continue
+            deadline = relay.drain_deadline
+            if deadline is not None and now >= deadline:
+                self.closed_drained += 1
+                relay.abort("drained after reload")
+                continue
             total = relay.bytes_in + relay.bytes_out
             if total != relay.idle_checked_total:
                 relay.idle_checked_total = total
                 relay.idle_since = now
-            elif now - relay.idle_since >= relay.idle_timeout and not relay.closed:
+            elif now - relay.idle_since >= relay.idle_timeout:
                 self.closed_idle += 1
                 relay.abort("idle timeout")
 

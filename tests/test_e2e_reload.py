@@ -196,3 +196,37 @@ http {{
         finally:
             proc.terminate()
             proc.wait()
+
+
+async def test_connections_of_a_removed_node_get_drain_timeout(
+    l4gw_daemon: DaemonFactory, backends: Backends
+) -> None:
+    """A reload that removes a node lets its connections finish for up to drain_timeout,
+    then closes them; connections to kept nodes are not touched."""
+    with trio.fail_after(40):
+        a, b = await backends(["a", "b"])
+        port = free_port()
+        text = tcp_config([(a, 1), (b, 1)], port).replace(
+            'drain_timeout = "10s"', 'drain_timeout = "1s"'
+        )
+        daemon = await l4gw_daemon(text)
+        to_a = await open_client(port)
+        assert await read_line(to_a) == b"a\n"
+        to_b = await open_client(port)
+        assert await read_line(to_b) == b"b\n"
+        reload(
+            daemon,
+            tcp_config([(b, 1)], port).replace('drain_timeout = "10s"', 'drain_timeout = "1s"'),
+        )
+        (line,) = await daemon.wait_log("reload_draining")
+        assert line["connections"] == 1
+        await to_a.send_all(b"within the drain time\n")
+        assert await read_line(to_a) == b"within the drain time\n"
+        assert await read_all(to_a) == b""  # closed once drain_timeout has passed
+        await to_a.aclose()
+        (closed,) = await daemon.wait_log("connection", node=f"127.0.0.1:{a}")
+        assert closed["reason"] == "drained after reload"
+        await to_b.send_all(b"untouched\n")
+        assert await read_line(to_b) == b"untouched\n"
+        await to_b.aclose()
+        assert await daemon.metric("l4gw_drained_after_reload_total") == 1

@@ -194,6 +194,9 @@ def test_sweeper_exact_times() -> None:
             self.idle_checked_total = 0
             self.closed = False
             self.aborted: list[str] = []
+            self.listener = "l"
+            self.node_state: object = None
+            self.drain_deadline: float | None = None
 
         def abort(self, reason: str, *, reset: bool = False) -> None:
             self.closed = True
@@ -210,6 +213,22 @@ def test_sweeper_exact_times() -> None:
     assert not fake.aborted
     sweeper.sweep(19.95)
     assert fake.aborted == ["idle timeout"]
+
+    # Drain deadlines (a reload removed the node or listener): exact, and undone when the
+    # node or listener comes back before the deadline.
+    busy, back = FakeRelay(), FakeRelay()
+    for relay in (busy, back):
+        sweeper.relays.add(relay)  # type: ignore[arg-type]
+    assert sweeper.drain_removed(lambda relay: True, deadline=30.0) == 3
+    assert sweeper.drain_removed(lambda relay: relay is busy, deadline=99.0) == 1
+    assert (busy.drain_deadline, back.drain_deadline) == (30.0, None)  # first deadline kept
+    busy.bytes_in = back.bytes_in = 1  # activity does not postpone a drain deadline
+    sweeper.sweep(29.99)
+    assert not busy.aborted
+    sweeper.sweep(30.0)
+    assert busy.aborted == ["drained after reload"]
+    assert not back.aborted
+    assert sweeper.closed_drained == 1
 
 
 async def test_stream_relay_copy_loop_half_close() -> None:
