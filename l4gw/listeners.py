@@ -272,10 +272,11 @@ async def _handle(
         await _proxy_tcp(listener, conn, addr, ctx, started, b"")
         return
     client = addr
+    destination: tuple[str, int] | None = None
     early = b""
     if config.accept_proxy_protocol:
         try:
-            client, early = await _read_proxy_header(listener, conn)
+            client, destination, early = await _read_proxy_header(listener, conn)
         except (ProxyProtocolError, OSError, trio.TooSlowError) as exc:
             listener.stats.active -= 1
             listener.stats.outcomes["error"] += 1
@@ -293,18 +294,19 @@ async def _handle(
             return
         listener.stats.active += 1
     if config.tls is None and config.mode == "tcp":
-        await _proxy_tcp(listener, conn, client, ctx, started, early)
+        await _proxy_tcp(listener, conn, client, ctx, started, early, destination)
         return
     await _handle_stream(listener, conn, client, ctx, started, early)
 
 
 async def _read_proxy_header(
     listener: ListenerRuntime, conn: socket.socket
-) -> tuple[tuple[str, int], bytes]:
+) -> tuple[tuple[str, int], tuple[str, int] | None, bytes]:
     """Read the PROXY v1/v2 header the peer in front must send.
 
-    Returns the client address it carries (the peer's own for LOCAL/UNKNOWN) and the bytes
-    that followed it. Raises ``ProxyProtocolError``, ``OSError`` or ``trio.TooSlowError``.
+    Returns the client address it carries (the peer's own for LOCAL/UNKNOWN), the original
+    destination it carries (None for LOCAL/UNKNOWN) and the bytes that followed it. Raises
+    ``ProxyProtocolError``, ``OSError`` or ``trio.TooSlowError``.
     """
     parser = ProxyHeaderParser()
     peer = conn.getpeername()
@@ -320,7 +322,9 @@ async def _read_proxy_header(
             info = parser.feed(data)
             if info is not None:
                 source = info.source if info.source is not None else (peer[0], peer[1])
-                return (source[0], source[1]), parser.remainder
+                target = info.destination
+                destination = (target[0], target[1]) if target is not None else None
+                return (source[0], source[1]), destination, parser.remainder
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:
@@ -465,11 +469,16 @@ async def _proxy_tcp(
     ctx: ConnectionContext,
     started: float,
     early: bytes,
+    destination: tuple[str, int] | None = None,
 ) -> None:
     """L4 over plain TCP when something must be sent first (PROXY header, bytes read ahead):
-    connect a node in this task, then hand both sockets to the reactor and return."""
+    connect a node in this task, then hand both sockets to the reactor and return.
+
+    ``destination`` is the original destination from an accepted PROXY header: a PROXY header
+    sent on to the node carries it (as HAProxy does), else this listener's own address."""
+    local = conn.getsockname if destination is None else (lambda: destination)
     try:
-        node_sock, node = await _connect(listener, client, conn.getsockname, early)
+        node_sock, node = await _connect(listener, client, local, early)
     except BaseException as exc:
         _connect_failed(listener, conn, client, started, early, exc)
         if not isinstance(exc, (GatewayError, OSError)):

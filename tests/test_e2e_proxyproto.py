@@ -302,8 +302,16 @@ async def test_accepts_header_and_logs_its_client(
         # Application bytes in the same segment as the header are forwarded after it.
         stream = await send_header(port, header + b"early\n")
         assert stream is not None
-        # The node is told the client of the header.
-        assert (await read_line(stream)).split()[:4] == [b"v1", b"proxy", b"10.9.8.7", b"40000"]
+        # The node is told the client and the original destination of the header (passed
+        # through as HAProxy does, not this listener's own address).
+        assert (await read_line(stream)).split() == [
+            b"v1",
+            b"proxy",
+            b"10.9.8.7",
+            b"40000",
+            b"192.0.2.1",
+            b"443",
+        ]
         assert await read_line(stream) == b"early\n"
         await stream.send_all(b"late\n")
         assert await read_line(stream) == b"late\n"
