@@ -79,8 +79,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(path, exc)
         return 1
-    configure_logging(config.daemon.log_level, config.daemon.log_format)
     worker = args.worker_index is not None
+    configure_logging(
+        config.daemon.log_level,
+        config.daemon.log_format,
+        fields={"worker": args.worker_index} if worker else {},
+    )
     if not worker and config.daemon.workers != 1:
         # The control plane: health checks, discovery, admin and N workers; no traffic.
         from .workers import run_control_plane

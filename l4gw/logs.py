@@ -16,6 +16,19 @@ LEVELS = {
 }
 
 
+#: Fields added to every line of this process (a worker's ``worker`` index); kept across
+#: reconfigurations (a reload).
+_process_fields: dict[str, object] = {}
+
+
+def _add_process_fields(
+    _logger: object, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    for key, value in _process_fields.items():
+        event.setdefault(key, value)
+    return event
+
+
 def _processors(fmt: str, out: TextIO) -> list[structlog.typing.Processor]:
     renderer: structlog.typing.Processor
     if fmt == "console":
@@ -23,6 +36,7 @@ def _processors(fmt: str, out: TextIO) -> list[structlog.typing.Processor]:
     else:
         renderer = structlog.processors.JSONRenderer()
     return [
+        _add_process_fields,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -39,13 +53,23 @@ access: Any = structlog.wrap_logger(
 )
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str = "info",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    *,
+    fields: dict[str, object] | None = None,
+) -> None:
     """Route every structlog logger to ``stream`` (stderr) at ``level`` in ``fmt`` (the access
-    log too, at any level).
+    log too, at any level). ``fields`` are added to every line from now on (None keeps the
+    ones set before).
 
     Safe to call again (a reload that changes the level or format takes effect at once for
     every logger, because loggers are not cached).
     """
+    if fields is not None:
+        _process_fields.clear()
+        _process_fields.update(fields)
     out = stream if stream is not None else sys.stderr
     structlog.configure(
         processors=_processors(fmt, out),

@@ -49,3 +49,15 @@ def test_access_lines_do_not_depend_on_log_level(stream: RecordingStream) -> Non
     logs.access.info("connection", outcome="proxied")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["event"] for line in lines] == ["connection"]
+
+
+def test_process_fields_on_every_line_and_kept_on_reload(stream: RecordingStream) -> None:
+    """A worker's lines carry its index, also after a reload reconfigures logging."""
+    logs.configure_logging("info", "json", stream, fields={"worker": 1})
+    structlog.get_logger("t").info("started")
+    logs.configure_logging("debug", "json", stream)  # a reload: fields not given, kept
+    logs.access.info("connection", worker="explicit wins")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["worker"] == 1
+    assert second["worker"] == "explicit wins"
+    logs.configure_logging("info", "json", stream, fields={})
