@@ -445,6 +445,9 @@ class Daemon:
                 runtime.config = lc
                 listening[name] = item
             else:
+                # Removed: stop accepting; http keep-alive connections end after their current
+                # response (as when the daemon drains); tcp relays get drain_timeout (below).
+                item.runtime.draining = True
                 item.close()
         for name, item in fresh.items():
             listening[name] = item

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,48 @@ async def test_connections_of_a_removed_node_get_drain_timeout(
         assert await read_line(to_b) == b"untouched\n"
         await to_b.aclose()
         assert await daemon.metric("l4gw_drained_after_reload_total") == 1
+
+
+async def _http_ok(stream: trio.SocketStream) -> None:
+    """A tiny keep-alive HTTP node: answers every request head with 200 "ok"."""
+    buffer = b""
+    try:
+        while data := await stream.receive_some(65536):
+            buffer += data
+            while b"\r\n\r\n" in buffer:
+                _, _, buffer = buffer.partition(b"\r\n\r\n")
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def test_removed_http_listener_ends_its_keep_alive_connections(
+    l4gw_daemon: DaemonFactory, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(30):
+        listeners = await nursery.start(partial(trio.serve_tcp, _http_ok, 0, host="127.0.0.1"))
+        node = listeners[0].socket.getsockname()[1]
+        port, kept = free_port(), free_port()
+        base = tcp_config([(node, 1)], kept)
+        http_listener = f"""
+[[listeners]]
+name = "api"
+listen = "127.0.0.1:{port}"
+mode = "http"
+upstream = "web"
+"""
+        daemon = await l4gw_daemon(base + http_listener)
+        stream = await open_client(port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while not response.endswith(b"ok\n"):
+            response += await stream.receive_some(4096)
+        assert response.startswith(b"HTTP/1.1 200")
+        reload(daemon, base)  # the http listener is gone
+        await daemon.wait_log("reloaded")
+        assert await read_all(stream) == b""  # the idle keep-alive connection is ended
+        await stream.aclose()
+        with pytest.raises(OSError):
+            await open_client(port)
