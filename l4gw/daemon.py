@@ -31,7 +31,7 @@ from .discovery import discovery_stats
 from .health import find_monitor, node_status
 from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
 from .logs import configure_logging
-from .metrics import render_metrics
+from .metrics import lifecycle_families, render_metrics
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .ratelimit import RateLimiter
@@ -538,18 +538,7 @@ class Daemon:
                 i.runtime.name for i in self.listening.values() if i.runtime.config.mode == "http"
             ],
             extra=[
-                (
-                    "l4gw_reloads_total",
-                    "counter",
-                    "Successful configuration reloads.",
-                    [({}, self.reloads)],
-                ),
-                (
-                    "l4gw_reload_failures_total",
-                    "counter",
-                    "Rejected configuration reloads.",
-                    [({}, self.reload_failures)],
-                ),
+                *lifecycle_families(self.reloads, self.reload_failures, self.draining),
                 (
                     "l4gw_drained_after_reload_total",
                     "counter",
@@ -562,12 +551,6 @@ class Daemon:
                     "counter",
                     "Connections closed by idle_timeout.",
                     [({}, self.sweeper.closed_idle)],
-                ),
-                (
-                    "l4gw_draining",
-                    "gauge",
-                    "1 while the daemon drains before stopping.",
-                    [({}, int(self.draining))],
                 ),
                 *self.upstream_set.metric_families(),
             ],

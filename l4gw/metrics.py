@@ -16,6 +16,25 @@ from .upstream import UpstreamRuntime
 MetricFamily = tuple[str, str, str, list[tuple[dict[str, object], float]]]
 
 
+def lifecycle_families(reloads: int, reload_failures: int, draining: bool) -> list[MetricFamily]:
+    """The reload counters and the draining gauge (single daemon and control plane alike)."""
+    return [
+        ("l4gw_reloads_total", "counter", "Successful configuration reloads.", [({}, reloads)]),
+        (
+            "l4gw_reload_failures_total",
+            "counter",
+            "Rejected configuration reloads.",
+            [({}, reload_failures)],
+        ),
+        (
+            "l4gw_draining",
+            "gauge",
+            "1 while the daemon drains before stopping.",
+            [({}, int(draining))],
+        ),
+    ]
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 

@@ -61,7 +61,7 @@ from .discovery import discovery_stats
 from .health import find_monitor, node_status, nodes_changed
 from .listeners import BACKLOG, BindError, bind_listener
 from .logs import configure_logging
-from .metrics import render_metrics
+from .metrics import lifecycle_families, render_metrics
 from .netaddr import SocketAddress, parse_socket_address
 from .runtime import ListenerStats
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
@@ -794,27 +794,7 @@ class ControlPlane(WorkerHooks):
         }
 
     def _own_metrics(self) -> str:
-
-        extra: list[tuple[str, str, str, list[tuple[dict[str, object], float]]]] = [
-            (
-                "l4gw_reloads_total",
-                "counter",
-                "Successful configuration reloads.",
-                [({}, self.reloads)],
-            ),
-            (
-                "l4gw_reload_failures_total",
-                "counter",
-                "Rejected configuration reloads.",
-                [({}, self.reload_failures)],
-            ),
-            (
-                "l4gw_draining",
-                "gauge",
-                "1 while the daemon drains before stopping.",
-                [({}, int(self.draining))],
-            ),
-        ]
+        extra = lifecycle_families(self.reloads, self.reload_failures, self.draining)
         extra += self.upstream_set.metric_families()
         running = sum(1 for slot in self.supervisor.slots if slot.running)
         extra.append(("l4gw_workers", "gauge", "Worker processes running.", [({}, running)]))
