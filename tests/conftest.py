@@ -20,6 +20,18 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected non-blocking TCP sockets on loopback."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    for sock in (a, b):
+        sock.setblocking(False)
+    return a, b
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -22,17 +22,7 @@ from l4gw.reactor import NodeConnector, Reactor, ReactorStopped
 from l4gw.relay import PipePool, Relay, SocketRelay
 from l4gw.upstream import UpstreamRuntime as Upstream
 
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two connected non-blocking TCP sockets on loopback."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    for sock in (a, b):
-        sock.setblocking(False)
-    return a, b
+from .conftest import tcp_pair
 
 
 class Conn:

@@ -17,17 +17,7 @@ from l4gw import relay as relay_mod
 from l4gw.reactor import Reactor
 from l4gw.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two connected non-blocking TCP sockets on loopback."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    for sock in (a, b):
-        sock.setblocking(False)
-    return a, b
+from .conftest import tcp_pair
 
 
 class Setup:
