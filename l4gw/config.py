@@ -23,7 +23,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, Literal, TypeVar, cast, get_args
 
@@ -40,7 +40,6 @@ from .netaddr import (
 )
 
 __all__ = [
-    "ALL_FEATURES",
     "AuthorizeRule",
     "Config",
     "ConfigError",
@@ -60,7 +59,6 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "path_variables",
-    "unsupported",
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -72,23 +70,6 @@ ProxyProtocol = Literal["off", "v1", "v2"]
 ListenerMode = Literal["tcp", "http"]
 TLSVersion = Literal["1.2", "1.3"]
 
-#: Feature names understood by :func:`unsupported`.
-ALL_FEATURES: frozenset[str] = frozenset(
-    {
-        "tls",
-        "http",
-        "discovery",
-        "health",
-        "proxy_protocol",
-        "accept_proxy_protocol",
-        "rate_limit",
-        "max_connections",
-        "workers",
-        "balance",
-        "acl",
-        "authorize",
-    }
-)
 
 DEFAULT_ADMIN = SocketAddress("127.0.0.1", 9901)
 #: ALPN protocols a ``mode = "http"`` listener may offer (it speaks HTTP/1.x only).
@@ -1281,47 +1262,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 # --------------------------------------------------------------------------------------------
 # Reports
-
-
-def unsupported(config: Config, not_built: Collection[str]) -> list[str]:
-    """``"not supported yet: <key path>"`` for each configured key whose feature (one of
-    :data:`ALL_FEATURES`) is in ``not_built``."""
-    found: list[tuple[str, str]] = []
-    if config.daemon.workers != 1:
-        found.append(("workers", "daemon.workers"))
-    if config.authorize:
-        found.append(("authorize", "authorize"))
-    for name, upstream in config.upstreams.items():
-        path = _join("upstreams", name)
-        if upstream.balance != "round_robin":
-            found.append(("balance", f"{path}.balance"))
-        if upstream.proxy_protocol != "off":
-            found.append(("proxy_protocol", f"{path}.proxy_protocol"))
-        if upstream.max_connections_per_node > 0:
-            found.append(("max_connections", f"{path}.max_connections_per_node"))
-        if upstream.health.check != "none":
-            found.append(("health", f"{path}.health.check"))
-        if upstream.discovery is not None:
-            found.append(("discovery", f"{path}.discovery"))
-        if upstream.tls is not None:
-            found.append(("tls", f"{path}.tls"))
-    for index, listener in enumerate(config.listeners):
-        path = f"listeners[{index}]"
-        if listener.mode == "http":
-            found.append(("http", f"{path}.mode"))
-        if listener.tls is not None:
-            found.append(("tls", f"{path}.tls"))
-        if listener.allow:
-            found.append(("acl", f"{path}.allow"))
-        if listener.deny:
-            found.append(("acl", f"{path}.deny"))
-        if listener.accept_proxy_protocol:
-            found.append(("accept_proxy_protocol", f"{path}.accept_proxy_protocol"))
-        if listener.rate_limit > 0:
-            found.append(("rate_limit", f"{path}.rate_limit"))
-        if listener.max_connections > 0:
-            found.append(("max_connections", f"{path}.max_connections"))
-    return [f"not supported yet: {path}" for feature, path in found if feature in not_built]
 
 
 def _table_lines(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:

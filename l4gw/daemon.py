@@ -26,7 +26,7 @@ import trio
 from . import __version__, systemd
 from .acl import SourceACL
 from .admin import AdminHandlers, serve_admin
-from .config import Config, ConfigError, ListenerConfig, load_config, unsupported
+from .config import Config, ConfigError, ListenerConfig, load_config
 from .discovery import discovery_stats
 from .health import find_monitor, node_status
 from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
@@ -44,15 +44,12 @@ from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.daemon")
 
-#: Features whose keys ``check``/``run`` refuse with "not supported yet" (see config.unsupported).
-NOT_BUILT: frozenset[str] = frozenset()
-
 
 def config_problems(config: Config) -> list[str]:
-    """Problems that make a parsed config unusable: features this build lacks, and the
-    files it names (certificates and keys that are unreadable, mismatched, expired or not
+    """Problems that make a parsed config unusable beyond its syntax and values: the files it
+    names (certificates and keys that are unreadable, mismatched, expired or not
     yet valid; CA files that do not load). Each problem names its key path and file."""
-    problems = unsupported(config, NOT_BUILT)
+    problems: list[str] = []
     for index, lc in enumerate(config.listeners):
         if lc.tls is not None:
             problems += [f"listeners[{index}].tls: {p}" for p in check_certificates(lc.tls)]

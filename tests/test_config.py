@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from l4gw import config as config_module
 from l4gw.config import (
-    ALL_FEATURES,
     AuthorizeRule,
     Config,
     ConfigError,
@@ -33,7 +32,6 @@ from l4gw.config import (
     parse_config,
     parse_duration,
     path_variables,
-    unsupported,
 )
 from l4gw.netaddr import SocketAddress
 
@@ -1382,53 +1380,7 @@ def test_load_config_reports_validation_problems(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# unsupported() and describe()
-
-
-def test_unsupported_lists_configured_features_not_built() -> None:
-    config = parse_config(BIG)
-    assert unsupported(config, set()) == []
-    assert unsupported(parse_config(base()), ALL_FEATURES) == []
-    assert unsupported(config, {"tls"}) == [
-        "not supported yet: upstreams.web.tls",
-        "not supported yet: listeners[0].tls",
-        "not supported yet: listeners[1].tls",
-    ]
-    everything = unsupported(config, ALL_FEATURES)
-    assert everything == [
-        "not supported yet: daemon.workers",
-        "not supported yet: authorize",
-        "not supported yet: upstreams.web.balance",
-        "not supported yet: upstreams.web.proxy_protocol",
-        "not supported yet: upstreams.web.max_connections_per_node",
-        "not supported yet: upstreams.web.health.check",
-        "not supported yet: upstreams.web.tls",
-        "not supported yet: upstreams.svc.discovery",
-        "not supported yet: upstreams.v6.discovery",
-        "not supported yet: listeners[0].tls",
-        "not supported yet: listeners[0].allow",
-        "not supported yet: listeners[0].deny",
-        "not supported yet: listeners[0].accept_proxy_protocol",
-        "not supported yet: listeners[0].rate_limit",
-        "not supported yet: listeners[0].max_connections",
-        "not supported yet: listeners[1].mode",
-        "not supported yet: listeners[1].tls",
-        "not supported yet: listeners[1].rate_limit",
-    ]
-    assert frozenset(ALL_FEATURES) == {
-        "tls",
-        "http",
-        "discovery",
-        "health",
-        "proxy_protocol",
-        "accept_proxy_protocol",
-        "rate_limit",
-        "max_connections",
-        "workers",
-        "balance",
-        "acl",
-        "authorize",
-    }
+# describe()
 
 
 def test_describe_summarises_listeners_upstreams_nodes_and_authorization() -> None:
