@@ -7,7 +7,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -22,7 +22,7 @@ from l4gw.reactor import NodeConnector, Reactor, ReactorStopped
 from l4gw.relay import PipePool, Relay, SocketRelay
 from l4gw.upstream import UpstreamRuntime as Upstream
 
-from .conftest import tcp_pair
+from .conftest import sock_read_to_eof, sock_send_all, tcp_pair, wait_until
 
 
 class Conn:
@@ -64,15 +64,6 @@ async def env() -> AsyncIterator[Env]:
     e.pool.close()
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-
-
 async def recv_exactly(sock: socket.socket, size: int) -> bytes:
     out = bytearray()
     while len(out) < size:
@@ -85,25 +76,6 @@ async def recv_exactly(sock: socket.socket, size: int) -> bytes:
             break
         out += data
     return bytes(out)
-
-
-async def recv_until_eof(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while True:
-        try:
-            data = sock.recv(1 << 20)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not data:
-            return bytes(out)
-        out += data
-
-
-async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 def pending_bytes(flow: relay_mod._Flow) -> int:
@@ -159,7 +131,7 @@ async def test_backpressure_stops_reading_the_client(
         assert env.pool.pipes_open <= 1
         # The node starts reading: everything arrives, in order, and reading resumes.
         c.client.shutdown(socket.SHUT_WR)
-        got = await recv_until_eof(c.node)
+        got = await sock_read_to_eof(c.node)
     assert got == bytes(sent)
     assert relay.bytes_in == len(sent)
     assert not relay.up.blocked and relay.up.done
@@ -185,7 +157,7 @@ async def test_backpressure_towards_the_client(env: Env) -> None:
         assert relay.down.blocked and not relay.nmask & select.EPOLLIN
         assert relay.cmask & select.EPOLLOUT
         c.node.shutdown(socket.SHUT_WR)
-        got = await recv_until_eof(c.client)
+        got = await sock_read_to_eof(c.client)
     assert len(got) == total == relay.bytes_out
 
 
@@ -232,9 +204,9 @@ async def test_bulk_flow_does_not_starve_small_requests(env: Env) -> None:
                 t0 = trio.current_time()
                 request = b"ping %d\n" % i
                 with trio.fail_after(2):
-                    await send_all(small.client, request)
+                    await sock_send_all(small.client, request)
                     assert await recv_exactly(small.node, len(request)) == request
-                    await send_all(small.node, b"pong\n")
+                    await sock_send_all(small.node, b"pong\n")
                     assert await recv_exactly(small.client, 5) == b"pong\n"
                 worst = max(worst, trio.current_time() - t0)
             elapsed = trio.current_time() - started
@@ -253,10 +225,10 @@ async def test_many_connections_no_crossed_data(env: Env) -> None:
     conns = [env.conn() for _ in range(200)]
     with trio.fail_after(20):
         for i, c in enumerate(conns):
-            await send_all(c.client, b"req-%04d" % i)
+            await sock_send_all(c.client, b"req-%04d" % i)
         for i, c in enumerate(conns):
             assert await recv_exactly(c.node, 8) == b"req-%04d" % i
-            await send_all(c.node, b"rsp-%04d" % i)
+            await sock_send_all(c.node, b"rsp-%04d" % i)
         for i, c in enumerate(conns):
             assert await recv_exactly(c.client, 8) == b"rsp-%04d" % i
         for c in conns:
@@ -283,10 +255,10 @@ async def test_fd_reuse_after_close_no_crossed_data(env: Env) -> None:
             new_fds = {fd for c in new for fd in (c.relay.cfd, c.relay.nfd)}
             assert old_fds & new_fds  # the numbers really were reused
             for i, c in enumerate(new):
-                await send_all(c.client, b"r%d-%03d" % (round_, i))
+                await sock_send_all(c.client, b"r%d-%03d" % (round_, i))
             for i, c in enumerate(new):
                 assert await recv_exactly(c.node, 6) == b"r%d-%03d" % (round_, i)
-                await send_all(c.node, b"a%d-%03d" % (round_, i))
+                await sock_send_all(c.node, b"a%d-%03d" % (round_, i))
                 assert await recv_exactly(c.client, 6) == b"a%d-%03d" % (round_, i)
             for c in new:
                 c.relay.abort("done")
@@ -380,7 +352,7 @@ async def test_cancellation_closes_everything() -> None:
     assert reactor.stopped and reactor.epoll.closed
     for c in conns:
         assert c.relay.client.fileno() == -1 and c.relay.node.fileno() == -1
-        assert await recv_until_eof(c.client) is not None  # EOF, not a hang
+        assert await sock_read_to_eof(c.client) is not None  # EOF, not a hang
         c.close()
     assert pool.pipes_open == len(pool._free)  # none held by a relay
     pool.close()

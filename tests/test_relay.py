@@ -7,7 +7,7 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -17,7 +17,7 @@ from l4gw import relay as relay_mod
 from l4gw.reactor import Reactor
 from l4gw.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
-from .conftest import tcp_pair
+from .conftest import sock_read_to_eof, sock_send_all, tcp_pair, wait_until
 
 
 class Setup:
@@ -56,35 +56,6 @@ async def setup() -> AsyncIterator[Setup]:
     s.close()
 
 
-async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-
-
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-
-
-async def recv_exactly_or_eof(sock: socket.socket) -> bytes:
-    """Everything until EOF (or a reset, which raises)."""
-    out = bytearray()
-    while True:
-        try:
-            data = sock.recv(1 << 20)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not data:
-            return bytes(out)
-        out += data
-
-
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy-only"])
 @pytest.mark.parametrize("size", [1, 1000, 64 * 1024, 3 * 1024 * 1024 + 7])
 async def test_bytes_both_ways_and_half_close(
@@ -101,13 +72,13 @@ async def test_bytes_both_ways_and_half_close(
             relay = setup.relay()
 
             async def client_side() -> bytes:
-                await send_all(setup.client, up)
+                await sock_send_all(setup.client, up)
                 setup.client.shutdown(socket.SHUT_WR)  # half-close: reply must still arrive
-                return await recv_exactly_or_eof(setup.client)
+                return await sock_read_to_eof(setup.client)
 
             async def node_side() -> bytes:
-                got = await recv_exactly_or_eof(setup.node)
-                await send_all(setup.node, down)
+                got = await sock_read_to_eof(setup.node)
+                await sock_send_all(setup.node, down)
                 setup.node.shutdown(socket.SHUT_WR)
                 return got
 
@@ -138,13 +109,13 @@ async def test_bytes_both_ways_and_half_close(
 async def test_reset_on_one_side_closes_the_other(setup: Setup) -> None:
     with trio.fail_after(10):
         relay = setup.relay()
-        await send_all(setup.client, b"hello")
+        await sock_send_all(setup.client, b"hello")
         assert await _recv_some(setup.node) == b"hello"
         # The node resets its connection.
         setup.node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         setup.node.close()
         with pytest.raises(ConnectionResetError):
-            await recv_exactly_or_eof(setup.client)
+            await sock_read_to_eof(setup.client)
     assert setup.finished == [relay]
     assert "ECONNRESET" in relay.reason
 
@@ -164,9 +135,9 @@ async def test_idle_timeout_closes_both_sides(setup: Setup) -> None:
             relay = setup.relay(idle=0.3)
             sweeper.add(relay)
             nursery.start_soon(sweeper.run)
-            await send_all(setup.client, b"x")
+            await sock_send_all(setup.client, b"x")
             assert await _recv_some(setup.node) == b"x"
-            assert await recv_exactly_or_eof(setup.client) == b""
+            assert await sock_read_to_eof(setup.client) == b""
             nursery.cancel_scope.cancel()
     assert relay.reason == "idle timeout"
     assert sweeper.closed_idle == 1
@@ -308,11 +279,11 @@ async def test_bulk_flow_switches_to_splice(setup: Setup) -> None:
     setup.client.setblocking(False)
     with trio.fail_after(10):
         relay = setup.relay()
-        await send_all(setup.client, data[relay_mod.SMALL_READ * 2 :])
+        await sock_send_all(setup.client, data[relay_mod.SMALL_READ * 2 :])
         setup.client.shutdown(socket.SHUT_WR)
-        got = await recv_exactly_or_eof(setup.node)
+        got = await sock_read_to_eof(setup.node)
         setup.node.shutdown(socket.SHUT_WR)
-        assert await recv_exactly_or_eof(setup.client) == b""
+        assert await sock_read_to_eof(setup.client) == b""
     assert got == data
     assert relay.up.splice and not relay.down.splice
     assert setup.pool.pipes_open >= 1
