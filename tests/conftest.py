@@ -16,8 +16,16 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests check behaviour, not speed: on a loaded 2-core CI machine a slow example is
+# not a failure (hypothesis's default is a 200 ms deadline per example).
+settings.register_profile(
+    "l4gw", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("l4gw")
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
