@@ -541,7 +541,7 @@ async def _handle_stream(
         outcome = "error"
         try:
             outcome = await serve_http_connection(
-                listener, stream, client, tls=config.tls is not None
+                listener, stream, client, tls=config.tls is not None, reactor=ctx.reactor
             )
         finally:
             stats.active -= 1

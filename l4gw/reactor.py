@@ -93,6 +93,8 @@ class Reactor:
         self.relays: set[SocketRelay] = set()
         #: Connects under way.
         self.connectors: set[NodeConnector] = set()
+        #: Other handlers that live across events (http connections served here).
+        self.sessions: set[EventHandler] = set()
         #: True once ``run`` has ended: nothing may register any more.
         self.stopped = False
         #: Descriptors closed during the current batch: their remaining events are stale.
@@ -247,7 +249,7 @@ class Reactor:
 
     def close_all(self) -> None:
         """Abort every connect under way and every relay (shutdown)."""
-        handlers: list[EventHandler] = [*self.connectors, *self.relays]
+        handlers: list[EventHandler] = [*self.connectors, *self.relays, *self.sessions]
         for handler in handlers:
             try:
                 handler.abort("shutdown")
@@ -277,6 +279,7 @@ class NodeConnector:
     mask)`` (the socket is still in the epoll set with ``mask``: ``SocketRelay.start`` adopts
     it) or ``on_failed(exc)`` with ``NoHealthyNode`` (nothing could be tried),
     ``UpstreamConnectError`` (every attempt failed) or ``ReactorStopped`` (shutdown).
+    ``first``: a node the caller already picked, tried first (its pick counts as an attempt).
 
     Resource handling: owns the socket of the attempt under way; hands the connected socket
     to ``on_connected``.
@@ -286,6 +289,7 @@ class NodeConnector:
         "attempts",
         "client_key",
         "config",
+        "first",
         "last_error",
         "node",
         "on_connected",
@@ -304,8 +308,11 @@ class NodeConnector:
         client_key: bytes,
         on_connected: ConnectedCallback,
         on_failed: FailedCallback,
+        *,
+        first: NodeState | None = None,
     ) -> None:
         self.reactor = reactor
+        self.first = first
         self.upstream = upstream
         self.config = upstream.config
         self.client_key = client_key
@@ -333,7 +340,11 @@ class NodeConnector:
         reactor = self.reactor
         while self.attempts < config.retries:
             self.attempts += 1
-            node = upstream.pick(self.tried, self.client_key)
+            node = self.first
+            if node is not None:
+                self.first = None
+            else:
+                node = upstream.pick(self.tried, self.client_key)
             if node is None:
                 break
             self.tried.append(node)

@@ -3,6 +3,10 @@
 The nodes are small h11 servers run in the test (they record every byte they receive); the
 gateway is ``serve_http_connection`` behind a ``trio.serve_tcp`` listener with a
 ``ListenerRuntime`` built by hand. Clients are raw sockets, an h11 client, and curl.
+
+Every test runs twice: with the gateway's task serving every request ("task"), and with a
+reactor that serves plain keep-alive requests and hands the others back ("reactor", the
+daemon's set-up, :mod:`l4gw.http.fastpath`). Both must behave the same.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from l4gw.http.proxy import serve_http_connection
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
 from l4gw.ratelimit import RateLimiter
+from l4gw.reactor import Reactor
+from l4gw.relay import PipePool
 from l4gw.runtime import ListenerRuntime, ListenerStats
 from l4gw.upstream import UpstreamRuntime
 
@@ -300,6 +306,7 @@ async def start_gateway(
     rate_limit_burst: int = 0,
     access_log: bool = False,
     tls_context: ssl.SSLContext | None = None,
+    reactor: Reactor | None = None,
     **config: Any,
 ) -> Gateway:
     listener_config = ListenerConfig(
@@ -334,7 +341,7 @@ async def start_gateway(
                 return
             stream = tls_stream
         await serve_http_connection(
-            runtime, stream, (peer[0], peer[1]), tls=tls_context is not None
+            runtime, stream, (peer[0], peer[1]), tls=tls_context is not None, reactor=reactor
         )
 
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
@@ -344,10 +351,14 @@ async def start_gateway(
 Setup = Callable[..., Awaitable[tuple[Gateway, list[Node]]]]
 
 
-@pytest.fixture
-async def setup() -> AsyncIterator[Setup]:
+@pytest.fixture(params=["task", "reactor"])
+async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     """``await setup(nodes=1, **gateway_options)`` -> (gateway, nodes); stopped after the test."""
     async with trio.open_nursery() as nursery:
+        reactor: Reactor | None = None
+        if request.param == "reactor":
+            reactor = Reactor(PipePool())
+            await nursery.start(reactor.run)
 
         async def start(
             nodes: int = 1, node_options: dict[str, Any] | None = None, **options: Any
@@ -358,7 +369,7 @@ async def setup() -> AsyncIterator[Setup]:
                 "upstreams",
                 {"web": upstream_runtime("web", [n.address for n in started], **upstream_options)},
             )
-            gateway = await start_gateway(nursery, upstreams, **options)
+            gateway = await start_gateway(nursery, upstreams, reactor=reactor, **options)
             return gateway, started
 
         yield start

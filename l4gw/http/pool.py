@@ -17,6 +17,10 @@ The pool:
   settings;
 * checks a connection before reusing it (a non-blocking ``MSG_PEEK``): one the node closed,
   or one with unexpected bytes waiting, is dropped and the next one (or a new one) is used.
+  Connections given back by the reactor's fast path (:mod:`l4gw.http.fastpath`) stay in the
+  reactor's epoll set while idle instead: the node closing one, or sending bytes nobody asked
+  for, closes it at once, and the fast path takes it again without a system call (it still
+  checks with ``MSG_PEEK`` before sending a request that may not be repeated).
 
 Connections to upstreams with ``proxy_protocol`` on are never pooled (the PROXY header names
 one client); :mod:`l4gw.http.proxy` keeps them private to the client connection.
@@ -34,6 +38,7 @@ from ..config import UpstreamTLSConfig
 from ..connect import connect_socket
 from ..errors import NoHealthyNode, UpstreamConnectError
 from ..nodes import NodeState
+from ..reactor import Reactor
 from ..tls import client_context_for
 from ..upstream import UpstreamRuntime
 from .io import ByteIO, FdIO, StreamIO
@@ -52,6 +57,7 @@ POOL_IDLE_TIMEOUT = 15.0
 POOL_MAX_IDLE_PER_NODE = 64
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_EPOLLIN = 0x001
 
 
 class NodeConnection:
@@ -74,6 +80,8 @@ class NodeConnection:
         "stream",
         "tls_config",
         "upstream",
+        "watch_pool",
+        "watcher",
     )
 
     def __init__(
@@ -102,11 +110,35 @@ class NodeConnection:
         self.held = False
         #: Opened with a PROXY header for one client: never goes back to the pool.
         self.private = False
+        #: The reactor whose epoll set holds the socket (EPOLLIN) while it is idle in
+        #: ``watch_pool``; this object is then its handler there.
+        self.watcher: Reactor | None = None
+        self.watch_pool: NodePool | None = None
 
     def close(self) -> None:
+        self.unwatch()
         if self.raw.fileno() >= 0:
             trio.lowlevel.notify_closing(self.raw)
         self.sock.close()
+
+    def unwatch(self) -> None:
+        """Take the socket out of the watching reactor's epoll set (if it is in one)."""
+        reactor = self.watcher
+        if reactor is not None:
+            self.watcher = None
+            self.watch_pool = None
+            reactor.forget(self.raw.fileno(), _EPOLLIN)
+
+    def on_event(self, fd: int, mask: int) -> None:
+        """Idle in the pool and readable: the node closed it or sent bytes nobody asked for."""
+        pool = self.watch_pool
+        if pool is not None:
+            pool.drop_idle(self)
+        else:
+            self.close()
+
+    def abort(self, reason: str, *, reset: bool = False) -> None:
+        self.on_event(-1, 0)
 
     def usable(self) -> bool:
         """False if the node closed the connection or sent bytes nobody asked for."""
@@ -168,11 +200,8 @@ class NodePool:
                 break
             tried.append(node)
             if use_pool:
-                conn = self._take_idle(node, upstream)
+                conn = self.take(node, upstream)
                 if conn is not None:
-                    node.active += 1
-                    conn.held = True
-                    self.reused += 1
                     return conn
             if not upstream.authorization.permits(node.address):
                 log.error("node_unauthorized", upstream=upstream.name, node=node.key)
@@ -238,26 +267,96 @@ class NodePool:
             upstream, node, raw=raw, sock=sock, stream=stream, tls_config=config.tls
         )
 
-    def _take_idle(self, node: NodeState, upstream: UpstreamRuntime) -> NodeConnection | None:
+    def take(
+        self,
+        node: NodeState,
+        upstream: UpstreamRuntime,
+        *,
+        reactor: Reactor | None = None,
+        check: bool = True,
+    ) -> NodeConnection | None:
+        """An idle connection to ``node`` (picked for ``upstream``), handed out as by
+        :meth:`acquire`; None if the pool has no usable one.
+
+        A connection that ``reactor`` watches stays in its epoll set (``conn.watcher`` still
+        names it; the caller takes over as its handler) and is only checked with
+        ``MSG_PEEK`` if ``check``; any other is taken out of the epoll set that watches it
+        and always checked.
+        """
+        conn = self._take_idle(node, upstream, reactor=reactor, check=check)
+        if conn is not None:
+            node.active += 1
+            conn.held = True
+            self.reused += 1
+        return conn
+
+    def adopt(
+        self, upstream: UpstreamRuntime, node: NodeState, raw: socket.socket
+    ) -> NodeConnection:
+        """A plain-TCP connection to ``node`` opened elsewhere (by the reactor's
+        ``NodeConnector``, which counted it on the node), handed out as by :meth:`acquire`."""
+        self._start_sweeper()
+        conn = NodeConnection(
+            upstream,
+            node,
+            raw=raw,
+            sock=trio.socket.from_stdlib_socket(raw),
+            stream=None,
+            tls_config=upstream.config.tls,
+        )
+        conn.held = True
+        self.opened += 1
+        return conn
+
+    def _take_idle(
+        self,
+        node: NodeState,
+        upstream: UpstreamRuntime,
+        *,
+        reactor: Reactor | None = None,
+        check: bool = True,
+    ) -> NodeConnection | None:
         idle = self._idle.get(node)
         if not idle:
             return None
         tls_config = upstream.config.tls
         while idle:
             conn = idle.pop()
-            if conn.tls_config is tls_config and conn.upstream is upstream and conn.usable():
-                return conn
+            if conn.tls_config is tls_config and conn.upstream is upstream:
+                if conn.watcher is not None and conn.watcher is reactor:
+                    conn.watch_pool = None
+                    if not check or conn.usable():
+                        return conn
+                else:
+                    conn.unwatch()
+                    if conn.usable():
+                        return conn
             conn.close()
         return None
 
+    def drop_idle(self, conn: NodeConnection) -> None:
+        """Close an idle connection the node closed (or sent stray bytes on)."""
+        idle = self._idle.get(conn.node)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+        conn.close()
+
     # -- releasing ---------------------------------------------------------------------
 
-    def release(self, conn: NodeConnection, *, reuse: bool) -> None:
+    def release(
+        self, conn: NodeConnection, *, reuse: bool, watch: Reactor | None = None, mask: int = 0
+    ) -> None:
         """Give back a connection from :meth:`acquire`: pooled if ``reuse`` and clean, else
         closed. ``reuse`` says the last exchange ended cleanly and the node keeps the
         connection open. Decrements ``node.active`` either way. Releasing again does nothing,
-        so error paths may release unconditionally."""
+        so error paths may release unconditionally.
+
+        ``watch``: the socket is in this reactor's epoll set with ``mask``; if it is pooled
+        it stays there (EPOLLIN, the connection as its handler), else it is taken out.
+        """
         if not conn.held:
+            if watch is not None:
+                watch.forget(conn.raw.fileno(), mask)
             return
         conn.held = False
         node = conn.node
@@ -270,8 +369,21 @@ class NodePool:
             and conn.tls_config is conn.upstream.config.tls
             and self.max_idle_per_node > 0
         ):
+            if watch is not None:
+                watch.forget(conn.raw.fileno(), mask)
             conn.close()
             return
+        if watch is not None:
+            fd = conn.raw.fileno()
+            try:
+                watch.interest(fd, mask, _EPOLLIN)
+            except (OSError, ValueError):
+                watch.forget(fd, mask)
+                conn.close()
+                return
+            watch.handlers[fd] = conn
+            conn.watcher = watch
+            conn.watch_pool = self
         conn.reader.reset()
         conn.idle_since = trio.current_time()
         idle = self._idle.setdefault(node, [])

@@ -32,7 +32,6 @@ Gateway errors have a JSON body ``{"error": "...", "status": N}``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from typing import Any
 
@@ -44,35 +43,30 @@ import trio
 from .. import logs
 from ..errors import GatewayError
 from ..proxyproto import encode_v1, encode_v2
+from ..reactor import Reactor
 from ..runtime import ListenerRuntime
 from ..upstream import UpstreamRuntime
+from .fastpath import HANDOFF, FastConnection
 from .headers import connection_tokens, is_upgrade_request, request_headers, response_headers
-from .io import IO_ERRORS, ByteIO, io_for_stream
+from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
 from .pool import NodeConnection, NodePool, node_pool
-from .routes import BadRequestPath, RouteMatch, RouteTable, route_table
-from .wire import (
-    LAST_CHUNK,
-    LENGTH,
-    NodeProtocolError,
-    ResponseHead,
-    chunk,
-    request_head,
-    response_head,
+from .responses import (
+    DEFAULT_KEEPALIVE,
+    IDEMPOTENT,
+    MAX_HEAD,
+    NO_ROUTE,
+    Record,
+    client_response_head,
+    error_response,
 )
+from .routes import BadRequestPath, RouteMatch, RouteTable, route_table
+from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
+from .wire import LAST_CHUNK, NodeProtocolError, ResponseHead, chunk, request_head, response_head
 
 __all__ = ["MAX_HEAD", "NO_ROUTE", "serve_http_connection"]
 
 log = structlog.get_logger("l4gw.http")
 
-#: Largest request head (request line and headers) accepted from a client: 16 KiB, like
-#: h11's own default (Apache allows 8 KiB per line, nginx 4 x 8 KiB buffers). Larger heads
-#: get 431 and the connection is closed.
-MAX_HEAD = 16 * 1024
-#: Keep-alive idle time between requests when the listener sets no ``idle_timeout``.
-DEFAULT_KEEPALIVE = 60.0
-#: Bounds of the timeout sweeper's period (a quarter of the shortest timeout in use).
-MIN_TICK = 0.02
-MAX_TICK = 1.0
 #: After an error response with request bytes left unread, how long the gateway keeps
 #: reading (and discarding) before closing, so the client sees the response rather than a
 #: reset (nginx's lingering close).
@@ -84,26 +78,6 @@ CLOSE_TIMEOUT = 1.0
 _BURST = 16
 #: Response bytes gathered before they are written to the client.
 _FLUSH_AT = 256 * 1024
-
-#: RFC 9110 §9.2.2: a request with these methods may be sent again on a new connection.
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-#: Route label of requests refused before a route was found (400, 404, 408, 431...).
-NO_ROUTE = "none"
-
-_REASONS = {
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
-
 
 # -- strict parsing: obsolete line folding is refused ---------------------------------------
 #
@@ -141,98 +115,6 @@ class _ClientGone(Exception):
     """The client closed or broke its connection mid-exchange."""
 
 
-# What a connection is waiting for; decides what happens when its deadline passes.
-_IDLE = 0  # the next request (keep-alive): close silently
-_HEAD = 1  # the rest of a request head: 408, close
-_BUSY = 2  # no deadline of its own (connecting: connect_timeout applies)
-_UPLOAD = 3  # request body bytes from the client: close
-_RESPONSE = 4  # the node's response head: 504, close
-_BODY = 5  # response body bytes from the node, or the client taking them: close
-_SEND = 6  # the client taking a response made here: close
-
-
-class _Timeouts:
-    """Deadlines of every HTTP connection of one ``trio.run``, checked by one sweeper task.
-
-    A connection sets ``deadline`` (a float) and ``phase`` as it goes; nothing is armed or
-    disarmed per request (a cancel scope with a deadline per wait costs more than parsing
-    the request). The sweeper cancels the connection's scope once its deadline has passed;
-    the connection then answers according to the phase (408, 504, or just closes) and closes.
-    It also ends idle keep-alive connections of a draining listener.
-
-    Precision: a timeout fires between its deadline and one ``tick`` later; ``tick`` is a
-    quarter of the shortest timeout seen, within [``MIN_TICK``, ``MAX_TICK``].
-    """
-
-    __slots__ = ("handlers", "started", "tick")
-
-    def __init__(self) -> None:
-        self.handlers: set[_Handler] = set()
-        self.tick = MAX_TICK
-        self.started = False
-
-    def add(self, handler: _Handler) -> None:
-        self.handlers.add(handler)
-        if not self.started:
-            self.started = True
-            trio.lowlevel.spawn_system_task(self._run, name="l4gw.http.timeouts")
-
-    def need(self, seconds: float) -> None:
-        """Make sure timeouts of ``seconds`` are checked often enough."""
-        tick = seconds / 4
-        if tick < self.tick:
-            self.tick = max(MIN_TICK, tick)
-
-    def sweep(self, now: float) -> None:
-        for handler in list(self.handlers):
-            if handler.deadline <= now or (handler.phase == _IDLE and handler.listener.draining):
-                handler.expire()
-
-    async def _run(self) -> None:
-        while True:
-            await trio.sleep(self.tick)
-            self.sweep(trio.current_time())
-
-
-_TIMEOUTS: trio.lowlevel.RunVar[_Timeouts] = trio.lowlevel.RunVar("l4gw_http_timeouts")
-
-
-def _timeouts() -> _Timeouts:
-    try:
-        return _TIMEOUTS.get()
-    except LookupError:
-        timeouts = _Timeouts()
-        _TIMEOUTS.set(timeouts)
-        return timeouts
-
-
-class _Record:
-    """What the access log line and the metrics say about one request."""
-
-    __slots__ = (
-        "host",
-        "logged",
-        "method",
-        "node",
-        "path",
-        "route",
-        "started",
-        "status",
-        "upstream_path",
-    )
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.logged = False
-        self.method: str | None = None
-        self.path: str | None = None
-        self.upstream_path: str | None = None
-        self.host: str | None = None
-        self.node: str | None = None
-        self.route = NO_ROUTE
-        self.status = 0
-
-
 class _Upload:
     """State shared between the response task and a body upload task."""
 
@@ -248,10 +130,6 @@ class _Upload:
         self.wake = trio.CancelScope()
 
 
-def _error_body(status: int, message: str) -> bytes:
-    return json.dumps({"error": message, "status": status}).encode()
-
-
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -261,13 +139,16 @@ async def serve_http_connection(
     client: tuple[str, int],
     *,
     tls: bool,
+    reactor: Reactor | None = None,
 ) -> str:
     """Serve HTTP/1.1 requests from one client connection until it ends; returns the
     connection's outcome for ``l4gw_connections_total``: ``"denied"`` when the source address
     was refused (403), else ``"proxied"``.
 
     ``client`` is the client's address (from the socket, or from an accepted PROXY header);
-    ``tls`` says the listener terminated TLS (``X-Forwarded-Proto: https``).
+    ``tls`` says the listener terminated TLS (``X-Forwarded-Proto: https``). With a
+    ``reactor``, a plain-TCP connection is served from it between the requests that need
+    this task (see :mod:`l4gw.http.fastpath`).
 
     Resource handling: owns ``stream`` and closes it before returning (after an error
     response with request bytes unread, it first reads and discards them for up to
@@ -279,10 +160,12 @@ async def serve_http_connection(
     from and written to the client in ``stats.bytes_in``/``bytes_out``.
     """
     handler = _Handler(listener, stream, client, tls)
-    timeouts = _timeouts()
-    timeouts.need(listener.config.header_timeout)
-    timeouts.need(listener.config.idle_timeout or DEFAULT_KEEPALIVE)
-    timeouts.add(handler)
+    if reactor is not None and type(handler.io) is FdIO:
+        handler.reactor = reactor
+    sweeper = timeouts()
+    sweeper.need(listener.config.header_timeout)
+    sweeper.need(listener.config.idle_timeout or DEFAULT_KEEPALIVE)
+    sweeper.add(handler)
     try:
         with handler.scope:
             try:
@@ -292,7 +175,7 @@ async def serve_http_connection(
         if handler.expired is not None:
             await handler.timed_out(handler.expired)
     finally:
-        timeouts.handlers.discard(handler)
+        sweeper.handlers.discard(handler)
         handler.finish()
         await handler.close()
     return "denied" if handler.denied else "proxied"
@@ -312,6 +195,7 @@ class _Handler:
         "deadline",
         "denied",
         "expired",
+        "fast",
         "h",
         "io",
         "linger",
@@ -319,6 +203,7 @@ class _Handler:
         "phase",
         "pool",
         "private",
+        "reactor",
         "record",
         "request_close",
         "request_head",
@@ -363,15 +248,23 @@ class _Handler:
         self.request_head = False  # a HEAD request
         self.request_http11 = True
         self.responded = False  # a response head went out
-        self.record = _Record(0.0)
-        # Timeouts (see _Timeouts):
+        self.record = Record(0.0)
+        # Timeouts (see l4gw.http.timeouts):
         self.scope = trio.CancelScope()
-        self.phase = _HEAD
+        self.phase = HEAD
         self.deadline = trio.current_time() + listener.config.header_timeout
         self.expired: int | None = None
+        #: Where plain-TCP keep-alive is served between requests (None: always here).
+        self.reactor: Reactor | None = None
+        #: The reactor's state while it serves this connection.
+        self.fast: FastConnection | None = None
 
     def expire(self) -> None:
         """Called by the sweeper: the deadline of the current phase has passed."""
+        fast = self.fast
+        if fast is not None:
+            fast.expire(self.phase)
+            return
         if self.expired is None:
             self.expired = self.phase
             self.scope.cancel()
@@ -380,22 +273,33 @@ class _Handler:
         """Answer for a timeout (outside the cancelled scope), before the connection closes."""
         record = self.record
         with trio.move_on_after(CLOSE_TIMEOUT):
-            if phase == _HEAD:
+            if phase == HEAD:
                 if self.h.their_state is not h11.IDLE or self.h.trailing_data[0]:
                     await self._refuse(record, 408, "request head not received in time", close=True)
-            elif phase == _RESPONSE and not self.responded:
+            elif phase == RESPONSE and not self.responded:
                 await self._refuse(
                     record, 504, f"node {record.node} did not answer in time", close=True
                 )
         if not record.logged and record.method is not None:
-            self._log(record)
+            self.log_request(record)
 
     # -- connection loop ---------------------------------------------------------------
 
     async def run(self) -> None:
         in_head = True  # a head has started (a new connection counts as one)
+        fed = False  # self.h holds bytes of the next request (or the client's EOF)
         while True:
-            record = self.record = _Record(trio.current_time())
+            if not fed and self.reactor is not None:
+                handed = await self._serve_fast(in_head)
+                if handed is None:
+                    return
+                data, eof = handed
+                self.h.receive_data(data)
+                if eof:
+                    self.h.receive_data(b"")
+                in_head = True
+            fed = False
+            record = self.record = Record(trio.current_time())
             self.responded = False
             self.request_close = False
             try:
@@ -406,7 +310,7 @@ class _Handler:
                 return
             if request is None:
                 return
-            self.phase = _BUSY
+            self.phase = BUSY
             self.deadline = math.inf
             if not await self._handle(request, record) or self.listener.draining:
                 return
@@ -418,12 +322,32 @@ class _Handler:
             in_head = bool(leftover)
             if leftover:  # pipelined bytes: the next head has started
                 h.receive_data(leftover)
-                self.phase = _HEAD
+                self.phase = HEAD
                 self.deadline = trio.current_time() + self.listener.config.header_timeout
+                fed = True
             if closed:
                 h.receive_data(b"")
+                fed = True
 
-    async def _read_head(self, in_head: bool, record: _Record) -> h11.Request | None:
+    async def _serve_fast(self, in_head: bool) -> tuple[bytes, bool] | None:
+        """Let the reactor serve requests until one needs this task; returns the bytes read
+        so far and whether the client closed, or None when the connection is to close."""
+        reactor = self.reactor
+        assert reactor is not None and isinstance(self.io, FdIO)
+        if not in_head:
+            config = self.listener.config
+            self.phase = IDLE
+            self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
+        fast = self.fast = FastConnection(self, reactor, self.io.fd)
+        try:
+            result = await fast.serve()
+        finally:
+            self.fast = None
+        if result != HANDOFF:
+            return None
+        return bytes(fast.buffer), fast.eof
+
+    async def _read_head(self, in_head: bool, record: Record) -> h11.Request | None:
         event: object = self.h.next_event()
         if event is h11.NEED_DATA:
             event = await self._receive_head(in_head, record)
@@ -431,15 +355,15 @@ class _Handler:
             return event
         return None  # ConnectionClosed (or EOF between requests)
 
-    async def _receive_head(self, in_head: bool, record: _Record) -> object:
+    async def _receive_head(self, in_head: bool, record: Record) -> object:
         h = self.h
         receive = self.io.receive
         config = self.listener.config
         idle = not in_head
         if idle:
-            self.phase = _IDLE
+            self.phase = IDLE
             self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
-        # else: phase _HEAD, deadline set when the connection was accepted or the head began
+        # else: phase HEAD, deadline set when the connection was accepted or the head began
         while True:
             try:
                 data = await receive(wait_first=idle)
@@ -450,7 +374,7 @@ class _Handler:
                 if idle:
                     idle = False
                     record.started = trio.current_time()
-                    self.phase = _HEAD
+                    self.phase = HEAD
                     self.deadline = record.started + config.header_timeout
             h.receive_data(data)
             event = h.next_event()
@@ -459,7 +383,7 @@ class _Handler:
 
     # -- one request -------------------------------------------------------------------
 
-    async def _handle(self, request: h11.Request, record: _Record) -> bool:
+    async def _handle(self, request: h11.Request, record: Record) -> bool:
         """Serve one request; True if the connection may carry another one."""
         listener = self.listener
         h = self.h
@@ -596,7 +520,7 @@ class _Handler:
                 if not self.responded:
                     return await self._refuse(record, exc.status, str(exc))
                 record.status = record.status or exc.status
-                self._log(record)
+                self.log_request(record)
                 return False
             finally:
                 self._release(nc, reuse=False)  # no-op unless an error left it held
@@ -643,7 +567,7 @@ class _Handler:
         body_complete: bool,
         chunked: bool,
         upgrade: bool,
-        record: _Record,
+        record: Record,
     ) -> bool:
         """Forward one request on ``nc`` and relay the response; True to keep the client
         connection. Raises ``_ExchangeFailed`` when no response head was relayed (the caller
@@ -651,10 +575,10 @@ class _Handler:
         reused = nc.requests > 0
         nc.requests += 1
         config = upstream.config
-        timeouts = _timeouts()
-        timeouts.need(config.response_timeout)
-        timeouts.need(config.idle_timeout)
-        self.phase = _RESPONSE
+        sweeper = timeouts()
+        sweeper.need(config.response_timeout)
+        sweeper.need(config.idle_timeout)
+        self.phase = RESPONSE
         self.deadline = trio.current_time() + config.response_timeout
         try:
             await nc.io.send_all(b"".join((head, *body)) if body else head)
@@ -666,7 +590,7 @@ class _Handler:
             return await self._respond(
                 nc, upstream=upstream, record=record, upload=None, reused=reused, upgrade=upgrade
             )
-        self.phase = _UPLOAD
+        self.phase = UPLOAD
         self.deadline = trio.current_time() + config.idle_timeout
         upload = _Upload(config.response_timeout)
         result = False
@@ -730,7 +654,7 @@ class _Handler:
                 if type(event) is h11.EndOfMessage:
                     upload.done = True
                     if not upload.head_received:
-                        self.phase = _RESPONSE
+                        self.phase = RESPONSE
                         self.deadline = trio.current_time() + upload.response_timeout
                     return
 
@@ -739,7 +663,7 @@ class _Handler:
         nc: NodeConnection,
         *,
         upstream: UpstreamRuntime,
-        record: _Record,
+        record: Record,
         upload: _Upload | None,
         reused: bool,
         upgrade: bool,
@@ -810,33 +734,24 @@ class _Handler:
             upload.head_received = True
 
         # The response head, with the framing this client understands.
-        status = response.status
-        record.status = status
-        headers = response_headers(response.headers)
+        record.status = response.status
         close = (
             self.request_close or self.listener.draining or (upload is not None and not upload.done)
         )
-        chunk_out = False
-        length = response.content_length
-        if length is not None and (response.framing == LENGTH or is_head or status == 304):
-            headers.append((b"content-length", b"%d" % length))
-        elif reader.done:  # no body: HEAD, 204, 304
-            if is_head and response.chunked and self.request_http11:
-                headers.append((b"transfer-encoding", b"chunked"))
-        elif self.request_http11:
-            headers.append((b"transfer-encoding", b"chunked"))
-            chunk_out = True
-        else:
-            close = True  # an HTTP/1.0 client: the body ends when the connection closes
-        if close:
-            headers.append((b"connection", b"close"))
-        out.append(response_head(status, response.reason, headers))
+        head_bytes, chunk_out, close = client_response_head(
+            response,
+            body_done=reader.done,
+            is_head=is_head,
+            http11=self.request_http11,
+            close=close,
+        )
+        out.append(head_bytes)
         self.responded = True
 
         # The body: the deadline moves with every read from the node, so a node that stops
         # sending, or a client that stops reading, ends the connection after idle_timeout.
         idle = upstream.config.idle_timeout
-        self.phase = _BODY
+        self.phase = BODY
         self.deadline = trio.current_time() + idle
         complete = False
         try:
@@ -878,25 +793,25 @@ class _Handler:
             complete = False
         except _ClientGone:
             self._release(nc, reuse=False)
-            self._log(record)
+            self.log_request(record)
             raise
-        self.phase = _BUSY
+        self.phase = BUSY
         self.deadline = math.inf
         if not complete:
             # Cut short: the client sees the connection close before the announced length
             # or the last chunk.
             self._release(nc, reuse=False)
-            self._log(record)
+            self.log_request(record)
             return False
         uploaded = upload is None or upload.done
         self._release(nc, reuse=uploaded and response.keep_alive)
-        self._log(record)
+        self.log_request(record)
         if not uploaded:
             self.linger = True
             return False
         return not close
 
-    async def _switch(self, nc: NodeConnection, head: ResponseHead, record: _Record) -> bool:
+    async def _switch(self, nc: NodeConnection, head: ResponseHead, record: Record) -> bool:
         """The node accepted a protocol upgrade: relay the 101, then bytes both ways until
         both sides are done (half-close passed on), an error, or ``idle_timeout`` without a
         byte either way."""
@@ -907,7 +822,7 @@ class _Handler:
         nc.reader.buffer.clear()
         client_early, client_eof = self.h.trailing_data
         idle = nc.upstream.config.idle_timeout
-        self.phase = _BODY
+        self.phase = BODY
         self.deadline = trio.current_time() + idle
         try:
             await self._send(out + node_early)
@@ -923,7 +838,7 @@ class _Handler:
             pass
         finally:
             self._release(nc, reuse=False)
-            self._log(record)
+            self.log_request(record)
         return False
 
     async def _pump(
@@ -946,7 +861,7 @@ class _Handler:
     # -- responses made here -----------------------------------------------------------
 
     async def _refuse(
-        self, record: _Record, status: int, message: str, *, close: bool = False
+        self, record: Record, status: int, message: str, *, close: bool = False
     ) -> bool:
         """Answer with a gateway error; True if the connection may carry another request."""
         h = self.h
@@ -965,25 +880,18 @@ class _Handler:
         )
         if not self.responded:
             self.responded = True
-            self.phase = _SEND
+            self.phase = SEND
             config = self.listener.config
             self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
-            body = _error_body(status, message)
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-            ]
-            if not keep:
-                headers.append((b"connection", b"close"))
             try:
-                await self._send(response_head(status, _REASONS.get(status, b""), headers) + body)
+                await self._send(error_response(status, message, keep=keep))
             except _ClientGone:
                 keep = False
         else:
             keep = False
         if not keep and h.their_state is not h11.DONE:
             self.linger = True
-        self._log(record)
+        self.log_request(record)
         return keep
 
     async def _send(self, data: bytes) -> None:
@@ -995,7 +903,7 @@ class _Handler:
 
     # -- accounting --------------------------------------------------------------------
 
-    def _log(self, record: _Record) -> None:
+    def log_request(self, record: Record) -> None:
         record.logged = True
         listener = self.listener
         stats = listener.stats
