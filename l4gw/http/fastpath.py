@@ -515,8 +515,8 @@ class FastConnection:
             while True:
                 head = reader.read_head(head_request=self.is_head)
                 if head is None:  # more to come (interim heads so far go out now)
-                    if out:
-                        self._flush()
+                    if out and not self._flush():
+                        self._set_node(0)  # backpressure: the client catches up first
                     return
                 if head.status >= 200:
                     response = head
@@ -660,8 +660,11 @@ class FastConnection:
 
     def _flush(self) -> bool:
         """Write what ``out`` holds; True if the client took all of it (else the rest is
-        ``pending`` and the client socket waits for EPOLLOUT)."""
+        ``pending`` and the client socket waits for EPOLLOUT). While bytes are pending,
+        ``out`` waits behind them."""
         out = self.out
+        if self.pending is not None:
+            return False
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         try:
@@ -694,9 +697,12 @@ class FastConnection:
             return
         self.pending = None
         self._set_client(0)
-        if self.state == _RELAY:
+        if self.state == _EXCHANGE:
+            self._set_node(_IN)
+            self._read_head()
+        elif self.state == _RELAY:
             self._relay_body()
-        elif self.state == _FLUSH:
+        elif self.state == _FLUSH and (not self.out or self._flush()):
             self._response_done()
 
     def _client_gone(self) -> None:
