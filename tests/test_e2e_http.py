@@ -250,7 +250,5 @@ async def test_denied_source_gets_403(
         assert json.loads(body) == {"error": "source address not allowed", "status": 403}
         (line,) = await daemon.wait_log("request")
         assert line["status"] == 403
-        while not await daemon.metric(
-            "l4gw_connections_total", listener="api", outcome="denied"
-        ):
+        while not await daemon.metric("l4gw_connections_total", listener="api", outcome="denied"):
             await trio.sleep(0.02)
