@@ -40,6 +40,7 @@ from ..errors import GatewayError
 from ..nodes import NodeState
 from ..reactor import NodeConnector, Reactor, ReactorStopped
 from ..upstream import UpstreamRuntime
+from .admission import refusal, route_request
 from .headers import request_headers, response_headers
 from .pool import NodeConnection
 from .request import PlainRequest, parse_request
@@ -51,7 +52,7 @@ from .responses import (
     client_response_head,
     error_response,
 )
-from .routes import BadRequestPath, RouteMatch, route_table
+from .routes import route_table
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, timeouts
 from .wire import LAST_CHUNK, NodeProtocolError, ResponseHead, chunk, request_head, response_head
 
@@ -310,24 +311,16 @@ class FastConnection:
         record.path = target
         record.host = host_text
 
-        match: RouteMatch | None = None
-        bad_path: str | None = None
-        try:
-            match = table.match(method_text, host_text, target)
-        except BadRequestPath as exc:
-            bad_path = str(exc)
-        upstream: UpstreamRuntime | None = None
-        if match is not None:
-            record.route = match.route.name
-            record.upstream_path = match.target
-            upstream = listener.upstreams.get(match.route.upstream)
-            if upstream is not None and (
-                upstream.config.proxy_protocol != "off" or upstream.config.tls is not None
-            ):
-                # PROXY headers and TLS toward nodes are the task's (handed over before any
-                # check has had an effect: the task makes them again).
-                self._end(HANDOFF)
-                return
+        match, bad_path, upstream = route_request(
+            listener, table, record, method_text, host_text, target
+        )
+        if upstream is not None and (
+            upstream.config.proxy_protocol != "off" or upstream.config.tls is not None
+        ):
+            # PROXY headers and TLS toward nodes are the task's (handed over before any check
+            # has had an effect: the task makes them again).
+            self._end(HANDOFF)
+            return
         buffer = self.buffer
         start, end = request.body_start, request.end
         self.body = bytes(buffer[start:end]) if end > start else b""
@@ -338,24 +331,13 @@ class FastConnection:
         handler.phase = BUSY
         handler.deadline = float("inf")
 
-        acl = listener.acl
-        if not acl.is_open and not acl.allows(handler.client_ip):
-            handler.denied = True
-            self._refuse(403, "source address not allowed", close=True)
+        refused = refusal(listener, handler.client_ip, now, match, bad_path, upstream)
+        if refused is not None:
+            status, message, close = refused
+            handler.denied = handler.denied or status == 403
+            self._refuse(status, message, close=close)
             return
-        limiter = listener.rate_limiter
-        if limiter.enabled and not limiter.allow(handler.client_ip, now):
-            self._refuse(429, "rate limit exceeded")
-            return
-        if bad_path is not None:
-            self._refuse(400, bad_path)
-            return
-        if match is None:
-            self._refuse(404, "no route")
-            return
-        if upstream is None:
-            self._refuse(503, f"upstream {match.route.upstream} is not running")
-            return
+        assert match is not None and upstream is not None
 
         host_header = match.route.host_header or upstream.config.host_header or None
         self.node_headers, _ = request_headers(

@@ -283,12 +283,26 @@ class NodePool:
         ``MSG_PEEK`` if ``check``; any other is taken out of the epoll set that watches it
         and always checked.
         """
-        conn = self._take_idle(node, upstream, reactor=reactor, check=check)
-        if conn is not None:
-            node.active += 1
-            conn.held = True
-            self.reused += 1
-        return conn
+        idle = self._idle.get(node)
+        if not idle:
+            return None
+        tls_config = upstream.config.tls
+        while idle:
+            conn = idle.pop()
+            if conn.tls_config is tls_config and conn.upstream is upstream:
+                if conn.watcher is not None and conn.watcher is reactor:
+                    conn.watch_pool = None
+                    usable = not check or conn.usable()
+                else:
+                    conn.unwatch()
+                    usable = conn.usable()
+                if usable:
+                    node.active += 1
+                    conn.held = True
+                    self.reused += 1
+                    return conn
+            conn.close()
+        return None
 
     def adopt(
         self, upstream: UpstreamRuntime, node: NodeState, raw: socket.socket
@@ -307,32 +321,6 @@ class NodePool:
         conn.held = True
         self.opened += 1
         return conn
-
-    def _take_idle(
-        self,
-        node: NodeState,
-        upstream: UpstreamRuntime,
-        *,
-        reactor: Reactor | None = None,
-        check: bool = True,
-    ) -> NodeConnection | None:
-        idle = self._idle.get(node)
-        if not idle:
-            return None
-        tls_config = upstream.config.tls
-        while idle:
-            conn = idle.pop()
-            if conn.tls_config is tls_config and conn.upstream is upstream:
-                if conn.watcher is not None and conn.watcher is reactor:
-                    conn.watch_pool = None
-                    if not check or conn.usable():
-                        return conn
-                else:
-                    conn.unwatch()
-                    if conn.usable():
-                        return conn
-            conn.close()
-        return None
 
     def drop_idle(self, conn: NodeConnection) -> None:
         """Close an idle connection the node closed (or sent stray bytes on)."""

@@ -46,6 +46,7 @@ from ..proxyproto import encode_v1, encode_v2
 from ..reactor import Reactor
 from ..runtime import ListenerRuntime
 from ..upstream import UpstreamRuntime
+from .admission import Refusal, refusal, route_request
 from .fastpath import HANDOFF, FastConnection
 from .headers import connection_tokens, is_upgrade_request, request_headers, response_headers
 from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
@@ -59,7 +60,7 @@ from .responses import (
     client_response_head,
     error_response,
 )
-from .routes import BadRequestPath, RouteMatch, RouteTable, route_table
+from .routes import RouteTable, route_table
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
 from .wire import LAST_CHUNK, NodeProtocolError, ResponseHead, chunk, request_head, response_head
 
@@ -425,36 +426,22 @@ class _Handler:
         host_text = host.decode("latin-1") if host is not None else None
         record.host = host_text
 
-        match: RouteMatch | None = None
-        bad_path: str | None = None
-        try:
-            match = table.match(method_text, host_text, target)
-        except BadRequestPath as exc:
-            bad_path = str(exc)
-        if match is not None:
-            record.route = match.route.name
-            record.upstream_path = match.target
-        acl = listener.acl
-        if not acl.is_open and not acl.allows(self.client_ip):
-            self.denied = True
-            return await self._refuse(record, 403, "source address not allowed", close=True)
-        limiter = listener.rate_limiter
-        if limiter.enabled and not limiter.allow(self.client_ip, trio.current_time()):
-            return await self._refuse(record, 429, "rate limit exceeded")
+        match, bad_path, upstream = route_request(
+            listener, table, record, method_text, host_text, target
+        )
+        protocol: Refusal | None = None
         if content_length is not None and chunked:
-            return await self._refuse(
-                record, 400, "both Content-Length and Transfer-Encoding", close=True
-            )
-        if method == b"CONNECT":
-            return await self._refuse(record, 405, "CONNECT is not supported", close=True)
-        if bad_path is not None:
-            return await self._refuse(record, 400, bad_path)
-        if match is None:
-            return await self._refuse(record, 404, "no route")
-        upstream = listener.upstreams.get(match.route.upstream)
-        if upstream is None:
-            message = f"upstream {match.route.upstream} is not running"
-            return await self._refuse(record, 503, message)
+            protocol = (400, "both Content-Length and Transfer-Encoding", True)
+        elif method == b"CONNECT":
+            protocol = (405, "CONNECT is not supported", True)
+        refused = refusal(
+            listener, self.client_ip, trio.current_time(), match, bad_path, upstream, protocol
+        )
+        if refused is not None:
+            status, message, close = refused
+            self.denied = self.denied or status == 403
+            return await self._refuse(record, status, message, close=close)
+        assert match is not None and upstream is not None
 
         # Body events already buffered are parsed before any node is contacted, so a
         # malformed body (bad chunk size...) is refused with nothing sent anywhere.
