@@ -52,7 +52,6 @@ from .responses import (
     client_response_head,
     error_response,
 )
-from .routes import route_table
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, timeouts
 from .wire import LAST_CHUNK, NodeProtocolError, ResponseHead, chunk, request_head, response_head
 
@@ -293,12 +292,7 @@ class FastConnection:
         """Route and check one request, then send it to a node (or answer it here)."""
         handler = self.handler
         listener = handler.listener
-        config = listener.config
-        if config is not handler.config:
-            handler.table = route_table(config)
-            handler.config = config
-        table = handler.table
-        assert table is not None
+        table = handler.route_table()
         now = trio.current_time()
         record = handler.record = Record(now)
         handler.responded = False

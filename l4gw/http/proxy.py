@@ -384,16 +384,20 @@ class _Handler:
 
     # -- one request -------------------------------------------------------------------
 
+    def route_table(self) -> RouteTable:
+        """The compiled routes of the listener's current configuration (after a reload, the
+        next request uses the new ones)."""
+        config = self.listener.config
+        if config is not self.config or self.table is None:
+            self.table = route_table(config)
+            self.config = config
+        return self.table
+
     async def _handle(self, request: h11.Request, record: Record) -> bool:
         """Serve one request; True if the connection may carry another one."""
         listener = self.listener
         h = self.h
-        config = listener.config
-        if config is not self.config:
-            self.table = route_table(config)
-            self.config = config
-        table = self.table
-        assert table is not None
+        table = self.route_table()
         method = request.method
         method_text = method.decode("ascii")
         target = request.target.decode("ascii")
