@@ -1096,6 +1096,16 @@ async def test_408_for_a_slow_head(setup: Setup) -> None:
         assert await raw(gateway.port, b"") == b""
 
 
+async def test_408_for_a_pipelined_head_left_unfinished(setup: Setup) -> None:
+    with trio.fail_after(10):
+        gateway, (node,) = await setup(header_timeout=0.3)
+        got = await raw(
+            gateway.port, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n"
+        )
+        assert [head.status for head, _ in parse_responses(got)] == [200, 408]
+        assert [seen.target for seen in node.requests] == [b"/a"]
+
+
 async def test_keepalive_idle_timeout_and_draining(setup: Setup) -> None:
     with trio.fail_after(10):
         gateway, _ = await setup(idle_timeout=0.3)

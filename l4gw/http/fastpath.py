@@ -194,6 +194,12 @@ class FastConnection:
         if self.state == _DONE:
             return
         self.result = result
+        handler = self.handler
+        if result == HANDOFF and self.buffer and handler.phase in (IDLE, BUSY):
+            # A head has begun (pipelined after a response served here): the task gives it
+            # header_timeout, as to any head.
+            handler.phase = HEAD
+            handler.deadline = trio.current_time() + handler.listener.config.header_timeout
         self._teardown()
         task = self.task
         if task is not None:
