@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -71,13 +72,34 @@ async def sock_read_to_eof(sock: socket.socket) -> bytes:
         out += data
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, below the kernel's ephemeral range.
+
+    Below it, no outgoing connection takes the port as its source port meanwhile; and a
+    connection to a port that must stay dead cannot connect to itself (on loopback, a
+    connect whose source port happens to equal the destination port succeeds, by TCP
+    simultaneous open)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
+    high = min(_ephemeral_low(), 65536) - 1
+    for _ in range(1000):
+        port = _PORTS.randint(min(20000, high - 1000), high)
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
         return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 async def http_get(address: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

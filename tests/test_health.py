@@ -39,6 +39,8 @@ from l4gw.netaddr import SocketAddress, parse_network
 from l4gw.nodes import NodeState
 from l4gw.upstream import UpstreamRuntime
 
+from .conftest import free_port
+
 #: Bound of every async test: real seconds for the loopback tests; under the autojump
 #: clock ``fail_after`` counts virtual time, hence the larger ``VIRTUAL_TIMEOUT``.
 TIMEOUT = 10
@@ -608,10 +610,7 @@ def loopback_upstream(
 
 
 def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_port()
 
 
 @attrs.define

@@ -40,6 +40,8 @@ from tests.test_http_proxy import (
     upstream_runtime,
 )
 
+from .conftest import free_port
+
 # --------------------------------------------------------------------------------------------
 # Harness: a reactor-only gateway, a spy on the fast path, a raw keep-alive client.
 
@@ -225,9 +227,7 @@ def target_of(body: bytes) -> str:
 
 def dead_address() -> SocketAddress:
     """A loopback port nobody listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return SocketAddress("127.0.0.1", probe.getsockname()[1])
+    return SocketAddress("127.0.0.1", free_port())
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from l4gw.reactor import NodeConnector, Reactor, ReactorStopped
 from l4gw.relay import PipePool, Relay, SocketRelay
 from l4gw.upstream import UpstreamRuntime as Upstream
 
-from .conftest import sock_read_to_eof, sock_send_all, tcp_pair, wait_until
+from .conftest import free_port, sock_read_to_eof, sock_send_all, tcp_pair, wait_until
 
 
 class Conn:
@@ -390,10 +390,7 @@ def _close_blackholes() -> Iterator[None]:
 
 
 def dead_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    return free_port()
 
 
 def make_upstream(
