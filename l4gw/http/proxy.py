@@ -5,6 +5,11 @@ closes. Per request: read the head within ``header_timeout``, rate limit, route,
 connection from the pool (or open one, with retries over distinct nodes), forward the request
 with rewritten headers and path, stream the body both ways, log and count.
 
+Given the daemon's reactor, a plain-TCP connection is served by :mod:`l4gw.http.fastpath`
+between the requests that need this task; the task parks meanwhile, still owning the socket.
+What follows is the task's own path (TLS, streamed or chunked uploads, upgrades, PROXY
+headers or TLS toward nodes, heads the lean parser leaves to h11).
+
 Keeping the per-request path lean:
 
 * h11 parses what clients send (one ``h11.Connection`` per request; bytes that arrived after
