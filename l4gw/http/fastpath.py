@@ -53,7 +53,15 @@ from .responses import (
     error_response,
 )
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, timeouts
-from .wire import LAST_CHUNK, NodeProtocolError, ResponseHead, chunk, request_head, response_head
+from .wire import (
+    DONE,
+    MORE,
+    NodeProtocolError,
+    ResponseHead,
+    frame_body,
+    request_head,
+    response_head,
+)
 
 if TYPE_CHECKING:
     from .proxy import _Handler
@@ -194,12 +202,6 @@ class FastConnection:
         if self.state == _DONE:
             return
         self.result = result
-        handler = self.handler
-        if result == HANDOFF and self.buffer and handler.phase in (IDLE, BUSY):
-            # A head has begun (pipelined after a response served here): the task gives it
-            # header_timeout, as to any head.
-            handler.phase = HEAD
-            handler.deadline = trio.current_time() + handler.listener.config.header_timeout
         self._teardown()
         task = self.task
         if task is not None:
@@ -538,31 +540,15 @@ class FastConnection:
     def _relay_body(self) -> None:
         nc = self.nc
         assert nc is not None
-        reader = nc.reader
         out = self.out
-        chunk_out = self.chunk_out
-        pending = 0
         try:
-            while True:
-                data = reader.read_body()
-                if data is None:  # more to come from the node
-                    if out and not self._flush():
-                        self._set_node(0)  # backpressure: the client catches up first
-                    elif self.node_mask != _IN:
-                        self._set_node(_IN)
+            while (step := frame_body(nc.reader, out, self.chunk_out, _FLUSH_AT)) != DONE:
+                if out and not self._flush():
+                    self._set_node(0)  # backpressure: the client catches up first
                     return
-                if data:
-                    out.append(chunk(data) if chunk_out else data)
-                    pending += len(data)
-                if reader.done:
-                    if chunk_out:
-                        out.append(LAST_CHUNK)
-                    break
-                if pending >= _FLUSH_AT:
-                    pending = 0
-                    if not self._flush():
-                        self._set_node(0)
-                        return
+                if step == MORE:
+                    self._set_node(_IN)
+                    return
         except NodeProtocolError:
             self._cut_short()
             return
@@ -580,9 +566,13 @@ class FastConnection:
             self._end(CLOSE)
             return
         self.state = _WAIT
-        handler.phase = IDLE
         config = handler.listener.config
-        handler.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
+        if self.buffer:  # the next head has begun (pipelined)
+            handler.phase = HEAD
+            handler.deadline = trio.current_time() + config.header_timeout
+        else:
+            handler.phase = IDLE
+            handler.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
         self._set_client(_IN)
         if self.buffer and self.state == _WAIT:
             self._next_requests()

@@ -67,7 +67,17 @@ from .responses import (
 )
 from .routes import RouteTable, route_table
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
-from .wire import LAST_CHUNK, NodeProtocolError, ResponseHead, chunk, request_head, response_head
+from .wire import (
+    DONE,
+    FULL,
+    LAST_CHUNK,
+    NodeProtocolError,
+    ResponseHead,
+    chunk,
+    frame_body,
+    request_head,
+    response_head,
+)
 
 __all__ = ["MAX_HEAD", "NO_ROUTE", "serve_http_connection"]
 
@@ -751,38 +761,24 @@ class _Handler:
         self.deadline = trio.current_time() + idle
         complete = False
         try:
-            pending = 0
             burst = 0
-            while True:
-                data_out = reader.read_body()
-                if data_out is None:
-                    if out:
-                        await self._send(b"".join(out))
-                        out.clear()
-                        pending = 0
-                    data = await receive()
-                    if data:
-                        reader.feed(data)
-                    else:
-                        reader.feed_eof()
-                    self.deadline = trio.current_time() + idle
-                    burst += 1
-                    if burst >= _BURST:
-                        burst = 0
-                        await trio.lowlevel.checkpoint()
-                    continue
-                if data_out:
-                    out.append(chunk(data_out) if chunk_out else data_out)
-                    pending += len(data_out)
-                if reader.done:
-                    if chunk_out:
-                        out.append(LAST_CHUNK)
-                    complete = True
-                    break
-                if pending >= _FLUSH_AT:
+            while (step := frame_body(reader, out, chunk_out, _FLUSH_AT)) != DONE:
+                if out:
                     await self._send(b"".join(out))
                     out.clear()
-                    pending = 0
+                if step == FULL:
+                    continue
+                data = await receive()
+                if data:
+                    reader.feed(data)
+                else:
+                    reader.feed_eof()
+                self.deadline = trio.current_time() + idle
+                burst += 1
+                if burst >= _BURST:
+                    burst = 0
+                    await trio.lowlevel.checkpoint()
+            complete = True
             if out:
                 await self._send(b"".join(out))
         except (NodeProtocolError, *IO_ERRORS):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+from .wire import lower_name
+
 __all__ = ["PlainRequest", "parse_request"]
 
 Header = tuple[bytes, bytes]
@@ -41,10 +43,6 @@ _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
 #: Headers this parser leaves to h11 (framing it does not do, or requests that change the
 #: exchange: 100-continue, protocol upgrades).
 _DEFERRED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-
-#: Header names seen before, as sent -> lower case.
-_NAMES: dict[bytes, bytes] = {}
-_NAMES_MAX = 4096
 
 
 class PlainRequest:
@@ -98,15 +96,10 @@ def parse_request(buffer: bytes | bytearray, max_head: int) -> PlainRequest | No
     length = 0
     seen_length = False
     close = not http11
-    names = _NAMES
     lines = head[match.end(3) + 2 : head_end].split(b"\r\n") if head_end > match.end(3) else ()
     for line in lines:
         raw_name, _, value = line.partition(b":")
-        name = names.get(raw_name)
-        if name is None:
-            name = raw_name.lower()
-            if len(names) < _NAMES_MAX:
-                names[raw_name] = name
+        name = lower_name(raw_name)
         value = value.strip(b" \t")
         if name == b"host":
             if host is not None:

@@ -28,6 +28,8 @@ __all__ = [
     "ResponseHead",
     "ResponseReader",
     "chunk",
+    "frame_body",
+    "lower_name",
     "request_head",
     "response_head",
 ]
@@ -354,9 +356,16 @@ def _header_name(raw_name: bytes, line: bytes) -> bytes | None:
     """The lower-case name if ``raw_name`` is a valid token (and remember it), else None."""
     if _TOKEN_RE.match(raw_name) is None:
         return None
-    name = raw_name.lower()
-    if len(_NAMES) < _NAMES_MAX:
-        _NAMES[raw_name] = name
+    return lower_name(raw_name)
+
+
+def lower_name(raw_name: bytes) -> bytes:
+    """``raw_name`` (a valid token) in lower case, remembered for the next time."""
+    name = _NAMES.get(raw_name)
+    if name is None:
+        name = raw_name.lower()
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[raw_name] = name
     return name
 
 
@@ -392,6 +401,32 @@ def response_head(status: int, reason: bytes, headers: Iterable[Header]) -> byte
         parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+#: What :func:`frame_body` stopped at.
+MORE, DONE, FULL = 0, 1, 2
+
+
+def frame_body(reader: ResponseReader, out: list[bytes], chunk_out: bool, limit: int) -> int:
+    """Move the body bytes ``reader`` holds into ``out`` as they go to the client
+    (re-chunked if ``chunk_out``, with the last chunk once the body is complete). Returns
+    ``DONE`` (the whole body is in ``out``), ``MORE`` (the reader needs bytes from the node)
+    or ``FULL`` (this call added ``limit`` bytes or more: write them first). Raises
+    :class:`NodeProtocolError` for a broken body."""
+    added = 0
+    while True:
+        data = reader.read_body()
+        if data is None:
+            return MORE
+        if data:
+            out.append(chunk(data) if chunk_out else data)
+            added += len(data)
+        if reader.done:
+            if chunk_out:
+                out.append(LAST_CHUNK)
+            return DONE
+        if added >= limit:
+            return FULL
 
 
 def chunk(data: bytes) -> bytes:
