@@ -80,24 +80,31 @@ def _ephemeral_low() -> int:
 
 
 _PORTS = random.Random()
+_issued_ports: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now, below the kernel's ephemeral range.
+    """A TCP port that is free on ``host`` right now, below the kernel's ephemeral range,
+    and never handed out before in this test run.
 
-    Below it, no outgoing connection takes the port as its source port meanwhile; and a
-    connection to a port that must stay dead cannot connect to itself (on loopback, a
+    Below that range, no outgoing connection takes the port as its source port meanwhile;
+    and a connection to a port that must stay dead cannot connect to itself (on loopback, a
     connect whose source port happens to equal the destination port succeeds, by TCP
-    simultaneous open)."""
+    simultaneous open). Never handing a port out twice keeps two calls in one test (two
+    dead nodes, a node and a listener) from getting the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     high = min(_ephemeral_low(), 65536) - 1
+    low = min(20000, high - 1000)
     for _ in range(1000):
-        port = _PORTS.randint(min(20000, high - 1000), high)
+        port = _PORTS.randint(low, high)
+        if port in _issued_ports:
+            continue
         with socket.socket(family) as probe:
             try:
                 probe.bind((host, port))
             except OSError:
                 continue
+        _issued_ports.add(port)
         return port
     raise RuntimeError("no free port below the ephemeral range")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
@@ -45,6 +44,8 @@ from l4gw.reactor import Reactor
 from l4gw.relay import PipePool
 from l4gw.runtime import ListenerRuntime, ListenerStats
 from l4gw.upstream import UpstreamRuntime
+
+from .conftest import free_port
 
 # --------------------------------------------------------------------------------------------
 # A node: an h11 server with behaviours chosen by path, recording what it receives.
@@ -1030,9 +1031,7 @@ async def test_404_without_fallback(setup: Setup) -> None:
 
 
 async def test_502_when_every_connect_fails(setup: Setup) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = SocketAddress("127.0.0.1", probe.getsockname()[1])
+    dead = SocketAddress("127.0.0.1", free_port())
     with trio.fail_after(10):
         upstream = upstream_runtime("web", [dead], retries=2)
         gateway, _ = await setup(nodes=0, upstreams={"web": upstream})

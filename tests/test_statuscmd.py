@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from l4gw.statuscmd import StatusError, fetch_status, format_duration, format_status, run_status
 
+from .conftest import free_port
+
 NOW = 1_700_000_000.0
 
 STATUS: dict[str, Any] = {
@@ -237,9 +239,7 @@ def test_fetch_status_bad_answers(
 
 
 def test_fetch_status_refused() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.raises(StatusError, match=r"connection refused \(is l4gw running"):
         fetch_status(f"127.0.0.1:{port}", timeout=5)
     err = io.StringIO()
