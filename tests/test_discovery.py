@@ -381,6 +381,7 @@ class Dnsmasq:
         self.conf = directory / "dnsmasq.conf"
         self.hosts.write_text("")
         self.conf.write_text("")
+        self.generation = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -410,10 +411,14 @@ class Dnsmasq:
         log.close()
         self.wait_ready()
 
-    def wait_ready(self) -> None:
+    def _resolver(self) -> dns.resolver.Resolver:
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", self.port)]
         resolver.lifetime = 0.2
+        return resolver
+
+    def wait_ready(self) -> None:
+        resolver = self._resolver()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, "dnsmasq exited"
@@ -427,11 +432,28 @@ class Dnsmasq:
         raise RuntimeError("dnsmasq did not come up")
 
     def write_hosts(self, *lines: str) -> None:
-        self.hosts.write_text("".join(f"{line}\n" for line in ("127.0.0.254 ready.test", *lines)))
+        """Replace the hosts file; it carries a marker name, ``gen<N>.test``, that ``reload``
+        waits for."""
+        self.generation += 1
+        marker = f"127.0.0.254 gen{self.generation}.test"
+        self.hosts.write_text(
+            "".join(f"{line}\n" for line in ("127.0.0.254 ready.test", marker, *lines))
+        )
 
     def reload(self) -> None:
+        """SIGHUP, then wait (up to 10 s) until dnsmasq answers from the hosts file last
+        written: the signal is handled asynchronously."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
+        resolver = self._resolver()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                resolver.resolve(f"gen{self.generation}.test.", "A")
+                return
+            except Exception:
+                time.sleep(0.02)
+        raise RuntimeError(f"dnsmasq did not re-read {self.hosts} after SIGHUP")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -499,7 +521,6 @@ async def test_dnsmasq_aaaa(dnsmasq: Dnsmasq) -> None:
         dnsmasq.write_hosts("127.0.0.11 web.test", "fd00::1 web.test", "fd00:0::02 web.test")
         dnsmasq.reload()
         config = DiscoveryConfig(name="web.test", type="AAAA", port=443, resolver=dnsmasq.resolver)
-        await trio.sleep(0.1)  # SIGHUP is asynchronous
         found = await resolve(config)
         assert found.nodes == ((addr("[fd00::1]:443"), 1), (addr("[fd00::2]:443"), 1))
         assert found.ttl == 0
@@ -553,7 +574,6 @@ async def test_dnsmasq_down_keeps_the_last_good_set(dnsmasq: Dnsmasq, fast_refre
     with trio.fail_after(TIMEOUT):
         dnsmasq.write_hosts("127.0.0.11 web.test")
         dnsmasq.reload()
-        await trio.sleep(0.1)
         config = DiscoveryConfig(
             name="web.test", type="A", port=80, interval=0.2, resolver=dnsmasq.resolver
         )
@@ -577,7 +597,6 @@ async def test_dnsmasq_unauthorized_address_never_added(
     with trio.fail_after(TIMEOUT):
         dnsmasq.write_hosts("127.0.0.11 web.test", "192.0.2.66 web.test")
         dnsmasq.reload()
-        await trio.sleep(0.1)
         config = DiscoveryConfig(
             name="web.test", type="A", port=80, interval=0.2, resolver=dnsmasq.resolver
         )

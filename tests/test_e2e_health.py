@@ -488,7 +488,6 @@ async def test_dns_a_records_change_and_resolver_down(
         n2, n3 = await start_pair(nursery)
         dns_server.write_hosts("127.0.0.2 web.test")
         dns_server.reload()
-        await trio.sleep(0.2)  # SIGHUP is asynchronous
         port = free_port()
         section = f"""
 name = "web.test"
@@ -570,7 +569,6 @@ async def test_dns_unauthorized_address_never_gets_a_connection(
         n2, n3 = await start_pair(nursery)
         dns_server.write_hosts("127.0.0.2 web.test", "127.0.0.3 web.test")
         dns_server.reload()
-        await trio.sleep(0.2)  # SIGHUP is asynchronous
         port = free_port()
         section = f"""
 name = "web.test"

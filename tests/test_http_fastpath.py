@@ -669,7 +669,8 @@ async def test_gateway_errors_keep_the_connection(env: Env, spy: Spy) -> None:
 
 async def test_rate_limited_requests_keep_the_connection(env: Env, spy: Spy) -> None:
     with trio.fail_after(10):
-        gateway, (node,) = await env.start(rate_limit=20, rate_limit_burst=1)
+        # One token per 500 ms: /r/2 comes well within that of /r/1 even on a loaded machine.
+        gateway, (node,) = await env.start(rate_limit=2, rate_limit_burst=1)
         conn = await env.connect(gateway.port)
         head, _ = await conn.get("/r/1")
         assert head.status == 200
@@ -677,7 +678,7 @@ async def test_rate_limited_requests_keep_the_connection(env: Env, spy: Spy) -> 
         assert head.status == 429
         assert header(head, b"connection") is None
         assert error_of(body) == {"error": "rate limit exceeded", "status": 429}
-        await trio.sleep(0.1)  # a token again
+        await trio.sleep(0.6)  # a token again
         head, body = await conn.get("/r/3")
         assert head.status == 200
         assert target_of(body) == "/r/3"
