@@ -235,8 +235,8 @@ async def test_health_checks_run_once_not_once_per_worker(
             await trio.sleep(2.0)
             probes = a.probes - start
             # One prober at interval 100 ms (±10 % jitter): about 20 in 2 s. Each worker
-            # probing too would make 60.
-            assert 10 <= probes <= 30, probes
+            # probing too would make 60. (The low bound leaves room for a loaded machine.)
+            assert 5 <= probes <= 30, probes
             checks = await daemon.metric("l4gw_health_checks_total", upstream="web")
             assert checks <= a.probes + 1
             nursery.cancel_scope.cancel()
@@ -254,7 +254,7 @@ async def test_a_node_marked_down_gets_nothing_from_any_worker(
             await workers_of(daemon, worker_pids)
             b.healthy = False  # b still accepts: only the push can keep the workers off it
             await wait_status(daemon, lambda d: node_entry(d, b)["health"] == "down")
-            await trio.sleep(0.5)  # the control plane pushes within 200 ms
+            await trio.sleep(1.0)  # the control plane pushes within 200 ms (PUSH_POLL)
             before = b.data
             answers = [await ask(port) for _ in range(40)]
             assert answers == ["a"] * 40
@@ -267,7 +267,7 @@ async def test_a_node_marked_down_gets_nothing_from_any_worker(
             )
             b.healthy = True
             await wait_status(daemon, lambda d: node_entry(d, b)["health"] == "up")
-            await trio.sleep(0.5)
+            await trio.sleep(1.0)
             answers = [await ask(port) for _ in range(20)]
             assert "b" in answers
             nursery.cancel_scope.cancel()
