@@ -512,10 +512,14 @@ async def _handle_stream(
     started: float,
     early: bytes,
 ) -> None:
-    """TLS termination and/or L7: wrap the socket in a trio stream and hand it on."""
+    """TLS termination and/or L7: wrap the socket in a trio stream and hand it on.
+
+    An http listener terminates TLS with :class:`l4gw.http.tlsstream.TLSStream` (which the
+    reactor's fast path can drive too); a tcp listener with ``trio.SSLStream``."""
     stats = listener.stats
     config = listener.config
-    stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    sock = trio.socket.from_stdlib_socket(conn)
+    stream: trio.abc.Stream = trio.SocketStream(sock)
     if early:
         stream = _PrefixedStream(stream, early)
     try:
@@ -523,10 +527,15 @@ async def _handle_stream(
             from .tls import server_context_for
 
             context = server_context_for(config.tls, http=config.mode == "http")
-            tls_stream = trio.SSLStream(stream, context, server_side=True)
-            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                await tls_stream.do_handshake()
-            stream = tls_stream
+            if config.mode == "http":
+                from .http.tlsstream import accept_tls
+
+                stream = await accept_tls(sock, context, TLS_HANDSHAKE_TIMEOUT, early)
+            else:
+                tls_stream = trio.SSLStream(stream, context, server_side=True)
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls_stream.do_handshake()
+                stream = tls_stream
     except BaseException as exc:
         stats.active -= 1
         stats.outcomes["error"] += 1

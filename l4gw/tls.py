@@ -34,7 +34,6 @@ from collections.abc import Iterable
 
 import attrs
 import structlog
-import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
@@ -49,7 +48,6 @@ __all__ = [
     "check_certificates",
     "client_context_for",
     "server_context_for",
-    "wrap_server_stream",
 ]
 
 log = structlog.get_logger("l4gw.tls")
@@ -297,29 +295,6 @@ def server_context_for(cfg: ListenerTLSConfig, *, http: bool) -> ssl.SSLContext:
         _SERVER_CACHE.clear()
     _SERVER_CACHE[key] = _Cached(ctx, stamp, now)
     return ctx
-
-
-async def wrap_server_stream(
-    stream: trio.abc.Stream,
-    ctx: ssl.SSLContext,
-    handshake_timeout: float,
-    *,
-    https_compatible: bool = True,
-) -> trio.SSLStream[trio.abc.Stream]:
-    """Do the server side of a TLS handshake on ``stream`` within ``handshake_timeout``.
-
-    Resource handling: on any error (``trio.BrokenResourceError`` for a failed handshake,
-    ``trio.TooSlowError`` for a timeout) ``stream`` is closed before the error propagates;
-    on success the returned stream owns it.
-    """
-    tls_stream = trio.SSLStream(stream, ctx, server_side=True, https_compatible=https_compatible)
-    try:
-        with trio.fail_after(handshake_timeout):
-            await tls_stream.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
-    return tls_stream
 
 
 # -- client contexts -------------------------------------------------------------------------

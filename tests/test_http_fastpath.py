@@ -9,10 +9,15 @@ set, backpressure, timeouts, draining and shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import select
+import shutil
 import socket
+import ssl
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -33,8 +38,10 @@ from l4gw.upstream import UpstreamRuntime
 from tests.test_http_proxy import (
     Gateway,
     Node,
+    TLSCerts,
     assert_no_active,
     error_of,
+    gateway_certs,
     pattern,
     start_gateway,
     upstream_runtime,
@@ -54,10 +61,18 @@ class Env:
         self.reactor = reactor
         self.conns: list[Conn] = []
 
-    async def connect(self, port: int, *, rcvbuf: int = 0) -> Conn:
-        """A client connection, closed after the test whatever happens."""
+    async def connect(
+        self, port: int, *, rcvbuf: int = 0, tls: ssl.SSLContext | None = None
+    ) -> Conn:
+        """A client connection (TLS with ``tls``), closed after the test whatever happens."""
         conn = await Conn.open(port, rcvbuf=rcvbuf)
         self.conns.append(conn)
+        if tls is not None:
+            stream = trio.SSLStream(
+                conn.stream, tls, server_hostname="gw.test", https_compatible=True
+            )
+            await stream.do_handshake()
+            conn.stream = stream
         return conn
 
     async def start(
@@ -141,7 +156,7 @@ def header(head: ResponseHead, name: bytes) -> bytes | None:
 class Conn:
     """A raw client connection that reads responses one after the other (keep-alive)."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.reader = ResponseReader()
         self.received = 0
@@ -840,3 +855,165 @@ async def test_draining_closes_idle_and_answers_busy(env: Env, spy: Spy) -> None
         await idle.aclose()
         await busy.aclose()
         assert_no_active(gateway)
+
+
+# --------------------------------------------------------------------------------------------
+# TLS: the reactor decrypts and encrypts (l4gw.http.tlsstream.TLSStream) between the task's turns.
+
+__all__ = ["gateway_certs"]  # the fixture, imported for the tests below
+
+
+async def test_tls_keepalive_is_served_by_the_reactor(
+    env: Env, spy: Spy, gateway_certs: TLSCerts
+) -> None:
+    with trio.fail_after(10):
+        gateway, (node,) = await env.start(tls_context=gateway_certs.server)
+        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        for i in range(20):
+            head, body = await conn.get(f"/r/{i}")
+            assert head.status == 200
+            info = json.loads(body)
+            assert info["target"] == f"/r/{i}"
+            assert dict(info["headers"])["x-forwarded-proto"] == "https"
+        # The first request may have come with the handshake's last bytes (then the task
+        # serves it); every other one is the reactor's.
+        assert spy.starts[-19:] == [f"/r/{i}".encode() for i in range(1, 20)]
+        assert spy.handoffs <= 1
+        assert node.connections == 1
+        # The client's close_notify reads as EOF: the reactor gives the connection back to
+        # be closed.
+        stream = conn.stream
+        assert isinstance(stream, trio.SSLStream)
+        transport, _ = await stream.unwrap()  # and the gateway's close_notify came back
+        await transport.aclose()
+        assert spy.ends == [CLOSE]
+        assert spy.ends[-1] == CLOSE
+        assert_no_active(gateway)
+
+
+async def test_tls_pipelined_requests_in_one_record(
+    env: Env, spy: Spy, gateway_certs: TLSCerts
+) -> None:
+    with trio.fail_after(10):
+        gateway, _ = await env.start(tls_context=gateway_certs.server)
+        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        assert (await conn.get("/warm"))[0].status == 200
+        await conn.send(b"".join(b"GET /p/%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(10)))
+        targets = []
+        for _ in range(10):
+            _, head, body = await conn.response()
+            assert head.status == 200
+            targets.append(json.loads(body)["target"])
+        assert targets == [f"/p/{i}" for i in range(10)]
+        assert spy.starts[-10:] == [b"/p/%d" % i for i in range(10)]
+
+
+async def test_tls_large_response_to_a_slow_reader(
+    env: Env, spy: Spy, gateway_certs: TLSCerts
+) -> None:
+    with trio.fail_after(30):
+        gateway, _ = await env.start(tls_context=gateway_certs.server)
+        conn = await env.connect(gateway.port, rcvbuf=32 * 1024, tls=gateway_certs.client)
+        size = 8 << 20
+        assert (await conn.get("/warm"))[0].status == 200
+        await conn.send(b"GET /big/%d HTTP/1.1\r\nHost: h\r\n\r\n" % size)
+        head = await conn.head()
+        assert head.status == 200
+        await trio.sleep(0.3)  # the client reads nothing for a while: ciphertext waits
+        body = await conn.body(size=4096)
+        assert hashlib.sha256(body).digest() == hashlib.sha256(pattern(size)).digest()
+        assert spy.pending_writes > 0
+        assert b"/big/%d" % size in spy.starts
+        head, _ = await conn.get("/after")  # the connection is still good
+        assert head.status == 200
+
+
+async def test_tls_handoff_to_the_task_and_back(
+    env: Env, spy: Spy, gateway_certs: TLSCerts
+) -> None:
+    with trio.fail_after(10):
+        gateway, (node,) = await env.start(tls_context=gateway_certs.server)
+        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        assert (await conn.get("/one"))[0].status == 200
+        handoffs = spy.handoffs
+        upload = pattern(200_000)
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(upload), upload)
+        head, body = await conn.request(
+            b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+        )
+        assert head.status == 200
+        assert json.loads(body)["body_sha"] == hashlib.sha256(upload).hexdigest()
+        assert spy.handoffs == handoffs + 1  # the task served the chunked upload
+        assert (await conn.get("/two"))[0].status == 200
+        assert spy.starts[-1] == b"/two"  # ... and the reactor the next request
+        assert node.connections == 1
+
+
+async def test_tls_garbage_after_the_handshake_closes(
+    env: Env, spy: Spy, gateway_certs: TLSCerts
+) -> None:
+    with trio.fail_after(10):
+        gateway, _ = await env.start(tls_context=gateway_certs.server)
+        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        assert (await conn.get("/one"))[0].status == 200
+        stream = conn.stream
+        assert isinstance(stream, trio.SSLStream)
+        await stream.transport_stream.send_all(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        with pytest.raises(trio.BrokenResourceError):
+            while await stream.receive_some(1000):
+                pass
+        assert spy.ends[-1] == CLOSE
+        # The gateway goes on serving.
+        other = await env.connect(gateway.port, tls=gateway_certs.client)
+        assert (await other.get("/two"))[0].status == 200
+
+
+async def test_tls_key_update_from_openssl_s_client(env: Env, gateway_certs: TLSCerts) -> None:
+    """openssl s_client's ``K`` command sends a TLS 1.3 KeyUpdate that asks for one back;
+    the requests before and after it are both answered. (Neither ``-quiet`` nor ``-ign_eof``:
+    each turns the commands off.)"""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    with trio.fail_after(30):
+        gateway, (node,) = await env.start(tls_context=gateway_certs.server)
+        script = (
+            "GET /before HTTP/1.1\nHost: gw.test\n\n"
+            "K\n"
+            "GET /after HTTP/1.1\nHost: gw.test\nConnection: close\n\n"
+        )
+
+        def run() -> subprocess.CompletedProcess[str]:
+            proc = subprocess.Popen(
+                [
+                    openssl,
+                    "s_client",
+                    "-connect",
+                    f"127.0.0.1:{gateway.port}",
+                    "-tls1_3",
+                    "-servername",
+                    "gw.test",
+                    "-CAfile",
+                    str(gateway_certs.ca_file),
+                    "-crlf",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # s_client exited: its output tells
+                for line in script.split("\n"):
+                    proc.stdin.write(line + "\n")
+                    proc.stdin.flush()
+                    time.sleep(0.05)  # one line per read, as typed
+                time.sleep(1)  # s_client quits at the end of its input (commands need that)
+                proc.stdin.close()
+            out, err = proc.communicate(timeout=20)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+        result = await trio.to_thread.run_sync(run)
+        assert "KEYUPDATE" in result.stderr, result.stderr
+        assert [seen.target for seen in node.requests] == [b"/before", b"/after"]
+        assert result.stdout.count("HTTP/1.1 200 ") == 2, result.stdout

@@ -16,6 +16,7 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -37,6 +38,7 @@ from l4gw.config import (
 from l4gw.http import proxy as proxy_mod
 from l4gw.http.pool import node_pool
 from l4gw.http.proxy import serve_http_connection
+from l4gw.http.tlsstream import accept_tls
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
 from l4gw.ratelimit import RateLimiter
@@ -290,6 +292,16 @@ class Gateway:
     tls_context: ssl.SSLContext | None = None
 
     @property
+    def base(self) -> str:
+        """The gateway's URL for curl (see ``curl_args``)."""
+        return f"{'https' if self.tls_context else 'http'}://127.0.0.1:{self.port}"
+
+    def plain_only(self, why: str) -> None:
+        """Skip the test in the TLS variants."""
+        if self.tls_context is not None:
+            pytest.skip(f"plain TCP only: {why}")
+
+    @property
     def stats(self) -> ListenerStats:
         return self.listener.stats
 
@@ -332,15 +344,11 @@ async def start_gateway(
     async def handler(tcp: trio.SocketStream) -> None:
         peer = tcp.socket.getpeername()
         stream: trio.abc.Stream = tcp
-        if tls_context is not None:
-            tls_stream = trio.SSLStream(tcp, tls_context, server_side=True)
+        if tls_context is not None:  # as an http listener does it
             try:
-                with trio.fail_after(5):
-                    await tls_stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError):
-                await trio.aclose_forcefully(tcp)
+                stream = await accept_tls(tcp.socket, tls_context, 5)
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 return
-            stream = tls_stream
         await serve_http_connection(
             runtime, stream, (peer[0], peer[1]), tls=tls_context is not None, reactor=reactor
         )
@@ -349,15 +357,63 @@ async def start_gateway(
     return Gateway(runtime, listeners[0].socket.getsockname()[1], tls_context)
 
 
+class TLSCerts:
+    """A CA and a server certificate for ``gw.test`` and 127.0.0.1; ``ca_file`` is the CA in
+    PEM (for curl)."""
+
+    def __init__(self, directory: Path) -> None:
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        cert = ca.issue_cert("gw.test", "127.0.0.1")
+        self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server.options |= ssl.OP_NO_RENEGOTIATION
+        self.server.set_alpn_protocols(["http/1.1"])
+        cert.configure_cert(self.server)
+        self.client = ssl.create_default_context()
+        ca.configure_trust(self.client)
+        self.ca_file = directory / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+
+
+@pytest.fixture(scope="session")
+def gateway_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSCerts:
+    certs = TLSCerts(tmp_path_factory.mktemp("gateway-certs"))
+    _CA_FILES.append(certs.ca_file)
+    return certs
+
+
+#: Gateway ports that speak TLS, with the client context to use; the test CA for curl.
+_TLS_PORTS: dict[int, ssl.SSLContext] = {}
+_CA_FILES: list[Path] = []
+
+
+async def open_stream(port: int) -> trio.abc.Stream:
+    """A client connection to the gateway on ``port``: TLS (handshake done) when the
+    gateway speaks it, else plain TCP."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    context = _TLS_PORTS.get(port)
+    if context is None:
+        return tcp
+    stream = trio.SSLStream(tcp, context, server_hostname="gw.test", https_compatible=True)
+    await stream.do_handshake()
+    return stream
+
+
 Setup = Callable[..., Awaitable[tuple[Gateway, list[Node]]]]
 
 
-@pytest.fixture(params=["task", "reactor"])
+@pytest.fixture(params=["task", "reactor", "task+tls", "reactor+tls"])
 async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
-    """``await setup(nodes=1, **gateway_options)`` -> (gateway, nodes); stopped after the test."""
+    """``await setup(nodes=1, **gateway_options)`` -> (gateway, nodes); stopped after the test.
+
+    Every test runs four times: with or without the reactor's fast path, each over plain TCP
+    and over TLS terminated by the gateway (clients connect with ``open_stream``)."""
     async with trio.open_nursery() as nursery:
         reactor: Reactor | None = None
-        if request.param == "reactor":
+        certs: TLSCerts | None = None
+        if request.param.endswith("+tls"):
+            certs = request.getfixturevalue("gateway_certs")
+        if request.param.startswith("reactor"):
             reactor = Reactor(PipePool())
             await nursery.start(reactor.run)
 
@@ -370,10 +426,20 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
                 "upstreams",
                 {"web": upstream_runtime("web", [n.address for n in started], **upstream_options)},
             )
+            if certs is not None:
+                options.setdefault("tls_context", certs.server)
             gateway = await start_gateway(nursery, upstreams, reactor=reactor, **options)
+            if certs is not None:
+                _TLS_PORTS[gateway.port] = certs.client
+                registered.append(gateway.port)
             return gateway, started
 
-        yield start
+        registered: list[int] = []
+        try:
+            yield start
+        finally:
+            for port in registered:  # the port may serve plain TCP in a later test
+                _TLS_PORTS.pop(port, None)
         nursery.cancel_scope.cancel()
 
 
@@ -404,7 +470,7 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int) -> Client:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+        return cls(await open_stream(port))
 
     async def request(
         self,
@@ -450,7 +516,7 @@ class Client:
 
 async def raw(port: int, data: bytes, *, until_close: bool = True) -> bytes:
     """Send ``data`` on a new connection and read until the gateway closes it."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await open_stream(port)
     async with stream:
         await stream.send_all(data)
         received = bytearray()
@@ -497,8 +563,10 @@ def error_of(body: bytes) -> dict[str, Any]:
 
 
 async def curl(*args: str) -> tuple[int, bytes, bytes]:
+    """curl with ``args``; https URLs are verified against the test CA."""
+    tls = ["--cacert", str(_CA_FILES[-1])] if any(a.startswith("https:") for a in args) else []
     proc = await trio.run_process(
-        ["curl", "-sS", "--max-time", "20", *args],
+        ["curl", "-sS", "--max-time", "20", *tls, *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -535,7 +603,7 @@ async def test_route_rewrite_and_forwarded_headers(setup: Setup) -> None:
         headers = dict(info["headers"])
         assert headers["host"] == "gw.test"
         assert headers["x-forwarded-for"] == "9.9.9.9, 127.0.0.1"
-        assert headers["x-forwarded-proto"] == "http"
+        assert headers["x-forwarded-proto"] == ("https" if gateway.tls_context else "http")
         assert headers["x-forwarded-host"] == "gw.test"
         assert "x-drop" not in headers
         assert "connection" not in headers
@@ -690,7 +758,7 @@ async def test_pipelined_requests_are_answered_in_order(setup: Setup) -> None:
 async def test_curl_keepalive_and_head(setup: Setup) -> None:
     with trio.fail_after(20):
         gateway, (node,) = await setup()
-        base = f"http://127.0.0.1:{gateway.port}"
+        base = gateway.base
         code, out, err = await curl("-v", f"{base}/a", f"{base}/b")
         assert code == 0, err
         assert b"Re-using existing connection" in err
@@ -737,7 +805,7 @@ async def test_chunked_request_body(setup: Setup, tmp_path: Any) -> None:
             "Transfer-Encoding: chunked",
             "--data-binary",
             f"@{path}",
-            f"http://127.0.0.1:{gateway.port}/upload",
+            f"{gateway.base}/upload",
         )
         assert code == 0, err
         assert json.loads(out)["body_sha"] == hashlib.sha256(data).hexdigest()
@@ -773,7 +841,7 @@ async def test_head_and_204(setup: Setup) -> None:
 async def test_expect_100_continue(setup: Setup) -> None:
     with trio.fail_after(10):
         gateway, _ = await setup()
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        stream = await open_stream(gateway.port)
         async with stream:
             await stream.send_all(
                 b"POST /continue HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
@@ -805,7 +873,7 @@ async def test_expect_100_continue(setup: Setup) -> None:
 async def test_node_answers_before_the_body(setup: Setup) -> None:
     with trio.fail_after(10):
         gateway, _ = await setup()
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        stream = await open_stream(gateway.port)
         async with stream:
             await stream.send_all(
                 b"POST /reject HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
@@ -837,7 +905,7 @@ async def test_response_cut_short_closes_the_client(setup: Setup) -> None:
 async def test_websocket_upgrade_becomes_a_relay(setup: Setup) -> None:
     with trio.fail_after(10):
         gateway, (node,) = await setup()
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        stream = await open_stream(gateway.port)
         async with stream:
             await stream.send_all(
                 b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -855,8 +923,9 @@ async def test_websocket_upgrade_becomes_a_relay(setup: Setup) -> None:
             got = b""
             while got != b"PING":
                 got += await stream.receive_some(1000)
-            await stream.send_eof()
-            assert await stream.receive_some(1000) == b""
+            if isinstance(stream, trio.SocketStream):  # TLS cannot half-close
+                await stream.send_eof()
+                assert await stream.receive_some(1000) == b""
         seen = node.requests[-1]
         assert seen.header(b"upgrade") == b"websocket"
         assert seen.header(b"sec-websocket-key") == b"abc"
@@ -983,7 +1052,7 @@ def test_obs_fold_patch_is_in_effect() -> None:
 async def test_bad_chunk_after_the_head_went_out_aborts_the_node_request(setup: Setup) -> None:
     with trio.fail_after(10):
         gateway, (node,) = await setup()
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        stream = await open_stream(gateway.port)
         async with stream:
             await stream.send_all(
                 b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -1081,7 +1150,7 @@ async def test_504_when_the_node_is_slow(setup: Setup) -> None:
 async def test_408_for_a_slow_head(setup: Setup) -> None:
     with trio.fail_after(10):
         gateway, (node,) = await setup(header_timeout=0.3)
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
+        stream = await open_stream(gateway.port)
         async with stream:
             await stream.send_all(b"GET / HTTP/1.1\r\nHost: h\r\n")  # never finished
             got = b""
@@ -1129,8 +1198,11 @@ async def test_proxy_protocol_toward_nodes(setup: Setup) -> None:
             node_options={"proxy_protocol": True}, upstream_options={"proxy_protocol": "v1"}
         )
         client = await Client.connect(gateway.port)
-        assert isinstance(client.stream, trio.SocketStream)
-        local_port = client.stream.socket.getsockname()[1]
+        tcp = client.stream
+        if isinstance(tcp, trio.SSLStream):
+            tcp = tcp.transport_stream
+        assert isinstance(tcp, trio.SocketStream)
+        local_port = tcp.socket.getsockname()[1]
         assert (await client.request("GET", "/a")).status == 200
         assert (await client.request("GET", "/b")).status == 200  # same private connection
         await client.aclose()

@@ -248,24 +248,6 @@ def test_server_context_for_reloads_changed_files(
     assert tls.server_context_for(cfg, http=True) is second
 
 
-async def test_wrap_server_stream(certs: Certs) -> None:
-    ctx = tls.build_server_context(listener_tls(certs.issue("a", "a.test")), http=True)
-    with trio.fail_after(10):
-        client_raw, server_raw = trio.testing.memory_stream_pair()
-        client = trio.SSLStream(client_raw, certs.client_context(), server_hostname="a.test")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            server = await tls.wrap_server_stream(server_raw, ctx, 5)
-        await client.send_all(b"hi")
-        assert await server.receive_some(10) == b"hi"
-        # A peer that never speaks: TooSlowError, and the stream is closed.
-        _, silent = trio.testing.memory_stream_pair()
-        with pytest.raises(trio.TooSlowError):
-            await tls.wrap_server_stream(silent, ctx, 0.2)
-        with pytest.raises(trio.ClosedResourceError):
-            await silent.send_all(b"x")
-
-
 # --- client contexts -------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
 import structlog
@@ -65,6 +66,7 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .proxy import _Handler
+    from .tlsstream import TLSStream
 
 __all__ = ["CLOSE", "HANDOFF", "FastConnection"]
 
@@ -130,13 +132,19 @@ class FastConnection:
         "served",
         "state",
         "task",
+        "tls",
         "upstream",
     )
 
-    def __init__(self, handler: _Handler, reactor: Reactor, client_fd: int) -> None:
+    def __init__(
+        self, handler: _Handler, reactor: Reactor, client_fd: int, tls: TLSStream | None = None
+    ) -> None:
         self.handler = handler
         self.reactor = reactor
         self.client_fd = client_fd
+        #: The client's TLS state (None: plain TCP): bytes read are fed to it and decrypted,
+        #: bytes written are encrypted first.
+        self.tls = tls
         self.client_mask = 0
         self.buffer = bytearray()
         self.eof = False
@@ -180,6 +188,18 @@ class FastConnection:
         reactor = self.reactor
         if reactor.stopped:
             return CLOSE
+        tls = self.tls
+        if tls is not None and tls.buffered():
+            # Input the socket will not signal again (read with the handshake, or by the
+            # task): the task serves it.
+            try:
+                data = tls.decrypt()
+            except ssl.SSLError:
+                return CLOSE
+            self.handler.bytes_in += len(data)
+            self.buffer += data
+            self.eof = tls.eof
+            return HANDOFF
         try:
             reactor.interest(self.client_fd, 0, _IN)
         except (OSError, ValueError):
@@ -202,6 +222,11 @@ class FastConnection:
         if self.state == _DONE:
             return
         self.result = result
+        pending = self.pending
+        if pending is not None and self.tls is not None:
+            # Ciphertext not written yet: the stream sends it before anything else.
+            self.pending = None
+            self.tls.unsend(pending)
         self._teardown()
         task = self.task
         if task is not None:
@@ -270,6 +295,22 @@ class FastConnection:
             self._end(CLOSE)
             return
         handler = self.handler
+        tls = self.tls
+        if tls is not None:
+            tls.feed(data)
+            try:
+                data = tls.decrypt()
+            except ssl.SSLError:
+                self._end(CLOSE)
+                return
+            if tls.eof:
+                handler.bytes_in += len(data)
+                self.buffer += data
+                data = b""
+            elif not data:  # part of a record, or a TLS message with no application data
+                if tls.outgoing.pending:
+                    self._flush()
+                return
         if not data:
             self.eof = True
             self._end(HANDOFF if self.buffer else CLOSE)
@@ -345,7 +386,7 @@ class FastConnection:
         self.node_headers, _ = request_headers(
             request.headers,
             client_ip=handler.client_ip,
-            tls=False,
+            tls=handler.tls,
             host=host_header.encode("latin-1") if host_header else None,
         )
         self.node_target = match.target.encode("ascii")
@@ -639,6 +680,14 @@ class FastConnection:
             return False
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        tls = self.tls
+        if tls is not None:
+            self.handler.bytes_out += len(data)
+            try:
+                data = tls.encrypt(data)
+            except ssl.SSLError:
+                self._client_gone()
+                return False
         try:
             sent = os.write(self.client_fd, data)
         except BlockingIOError:
@@ -646,7 +695,8 @@ class FastConnection:
         except OSError:
             self._client_gone()
             return False
-        self.handler.bytes_out += sent
+        if tls is None:
+            self.handler.bytes_out += sent
         if sent == len(data):
             return True
         self.pending = memoryview(data)[sent:]
@@ -663,13 +713,18 @@ class FastConnection:
         except OSError:
             self._client_gone()
             return
-        self.handler.bytes_out += sent
+        if self.tls is None:
+            self.handler.bytes_out += sent
         if sent < len(view):
             self.pending = view[sent:]
             return
         self.pending = None
         self._set_client(0)
-        if self.state == _EXCHANGE:
+        if self.state == _WAIT:  # TLS: an answer to a post-handshake message went out
+            self._set_client(_IN)
+            if self.buffer:
+                self._next_requests()
+        elif self.state == _EXCHANGE:
             self._set_node(_IN)
             self._read_head()
         elif self.state == _RELAY:

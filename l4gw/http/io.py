@@ -7,8 +7,9 @@ in the task and the task only parks when the kernel says EAGAIN. ``receive(wait_
 parks first, for reads where the bytes are known not to be there yet (the response right
 after the request was sent), saving a failing system call.
 
-TLS (``trio.SSLStream``) and other streams (in-memory test streams, the listener's PROXY
-prefix wrapper) go through :class:`StreamIO`.
+TLS terminated by an http listener is a :class:`l4gw.http.tlsstream.TLSStream`, which is a
+``ByteIO`` itself. Other streams (``trio.SSLStream``, in-memory test streams, the listener's
+PROXY prefix wrapper) go through :class:`StreamIO`.
 
 Errors: ``OSError`` (e.g. ``ConnectionResetError``), ``trio.BrokenResourceError`` and
 ``trio.ClosedResourceError``; :data:`IO_ERRORS` is that tuple.
@@ -115,7 +116,10 @@ class StreamIO(ByteIO):
 
 
 def io_for_stream(stream: trio.abc.Stream) -> ByteIO:
-    """:class:`FdIO` for a plain ``trio.SocketStream``, else :class:`StreamIO`."""
+    """:class:`FdIO` for a plain ``trio.SocketStream``, the stream itself when it is a
+    ``ByteIO`` already (:class:`l4gw.http.tlsstream.TLSStream`), else :class:`StreamIO`."""
     if type(stream) is trio.SocketStream:
         return FdIO(stream.socket)
+    if isinstance(stream, ByteIO):
+        return stream
     return StreamIO(stream)

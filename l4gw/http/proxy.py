@@ -5,10 +5,11 @@ closes. Per request: read the head within ``header_timeout``, rate limit, route,
 connection from the pool (or open one, with retries over distinct nodes), forward the request
 with rewritten headers and path, stream the body both ways, log and count.
 
-Given the daemon's reactor, a plain-TCP connection is served by :mod:`l4gw.http.fastpath`
-between the requests that need this task; the task parks meanwhile, still owning the socket.
-What follows is the task's own path (TLS, streamed or chunked uploads, upgrades, PROXY
-headers or TLS toward nodes, heads the lean parser leaves to h11).
+Given the daemon's reactor, a client connection over plain TCP, or over TLS terminated by a
+:class:`l4gw.http.tlsstream.TLSStream`, is served by :mod:`l4gw.http.fastpath` between the
+requests that need this task; the task parks meanwhile, still owning the socket. What
+follows is the task's own path (streamed or chunked uploads, upgrades, PROXY headers or TLS
+toward nodes, heads the lean parser leaves to h11, the first request after a handshake).
 
 Keeping the per-request path lean:
 
@@ -67,6 +68,7 @@ from .responses import (
 )
 from .routes import RouteTable, route_table
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
+from .tlsstream import TLSStream
 from .wire import (
     DONE,
     FULL,
@@ -176,7 +178,7 @@ async def serve_http_connection(
     from and written to the client in ``stats.bytes_in``/``bytes_out``.
     """
     handler = _Handler(listener, stream, client, tls)
-    if reactor is not None and type(handler.io) is FdIO:
+    if reactor is not None and type(handler.io) in (FdIO, TLSStream):
         handler.reactor = reactor
     sweeper = timeouts()
     sweeper.need(listener.config.header_timeout)
@@ -349,12 +351,15 @@ class _Handler:
         """Let the reactor serve requests until one needs this task; returns the bytes read
         so far and whether the client closed, or None when the connection is to close."""
         reactor = self.reactor
-        assert reactor is not None and isinstance(self.io, FdIO)
+        io = self.io
+        assert reactor is not None and isinstance(io, (FdIO, TLSStream))
         if not in_head:
             config = self.listener.config
             self.phase = IDLE
             self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
-        fast = self.fast = FastConnection(self, reactor, self.io.fd)
+        fast = self.fast = FastConnection(
+            self, reactor, io.fd, io if isinstance(io, TLSStream) else None
+        )
         try:
             result = await fast.serve()
         finally:
@@ -969,6 +974,8 @@ async def _linger(stream: trio.abc.Stream) -> None:
     with trio.move_on_after(LINGER_TIME), contextlib.suppress(*IO_ERRORS):
         if isinstance(stream, trio.abc.HalfCloseableStream):
             await stream.send_eof()
+        elif isinstance(stream, TLSStream):
+            await stream.close_notify()
         left = LINGER_BYTES
         while left > 0:
             data = await stream.receive_some(64 * 1024)
