@@ -75,6 +75,12 @@ class Env:
             conn.stream = stream
         return conn
 
+    async def start_tls(self, certs: TLSCerts, **options: Any) -> tuple[Gateway, Node, Conn]:
+        """A gateway with TLS and one node, and a client connection to it."""
+        gateway, (node,) = await self.start(tls_context=certs.server, **options)
+        conn = await self.connect(gateway.port, tls=certs.client)
+        return gateway, node, conn
+
     async def start(
         self,
         nodes: int = 1,
@@ -867,8 +873,7 @@ async def test_tls_keepalive_is_served_by_the_reactor(
     env: Env, spy: Spy, gateway_certs: TLSCerts
 ) -> None:
     with trio.fail_after(10):
-        gateway, (node,) = await env.start(tls_context=gateway_certs.server)
-        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        gateway, node, conn = await env.start_tls(gateway_certs)
         for i in range(20):
             head, body = await conn.get(f"/r/{i}")
             assert head.status == 200
@@ -895,8 +900,7 @@ async def test_tls_pipelined_requests_in_one_record(
     env: Env, spy: Spy, gateway_certs: TLSCerts
 ) -> None:
     with trio.fail_after(10):
-        gateway, _ = await env.start(tls_context=gateway_certs.server)
-        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        _, _, conn = await env.start_tls(gateway_certs)
         assert (await conn.get("/warm"))[0].status == 200
         await conn.send(b"".join(b"GET /p/%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(10)))
         targets = []
@@ -932,8 +936,7 @@ async def test_tls_handoff_to_the_task_and_back(
     env: Env, spy: Spy, gateway_certs: TLSCerts
 ) -> None:
     with trio.fail_after(10):
-        gateway, (node,) = await env.start(tls_context=gateway_certs.server)
-        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        _, node, conn = await env.start_tls(gateway_certs)
         assert (await conn.get("/one"))[0].status == 200
         handoffs = spy.handoffs
         upload = pattern(200_000)
@@ -953,8 +956,7 @@ async def test_tls_garbage_after_the_handshake_closes(
     env: Env, spy: Spy, gateway_certs: TLSCerts
 ) -> None:
     with trio.fail_after(10):
-        gateway, _ = await env.start(tls_context=gateway_certs.server)
-        conn = await env.connect(gateway.port, tls=gateway_certs.client)
+        gateway, _, conn = await env.start_tls(gateway_certs)
         assert (await conn.get("/one"))[0].status == 200
         stream = conn.stream
         assert isinstance(stream, trio.SSLStream)

@@ -32,19 +32,25 @@ class Pair:
         self.server_sock = server_sock
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
+async def tcp_pair() -> Pair:
+    """A fresh loopback TCP connection, both ends."""
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
     server_sock, _ = await listener.accept()
     listener.close()
+    return Pair(client, server_sock)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    made = await tcp_pair()
     try:
-        yield Pair(client, server_sock)
+        yield made
     finally:
-        server_sock.close()
-        await trio.aclose_forcefully(client)
+        made.server_sock.close()
+        await trio.aclose_forcefully(made.tcp)
 
 
 async def connect(
@@ -162,12 +168,8 @@ async def test_handshake_failures_close_the_socket(pair: Pair, gateway_certs: TL
 async def test_handshake_timeout_and_early_close(gateway_certs: TLSCerts) -> None:
     with trio.fail_after(10):
         for silent in (True, False):
-            listener = trio.socket.socket()
-            await listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
-            sock, _ = await listener.accept()
-            listener.close()
+            made = await tcp_pair()
+            client, sock = made.tcp, made.server_sock
             if silent:
                 with pytest.raises(trio.TooSlowError):
                     await accept_tls(sock, gateway_certs.server, 0.2)
