@@ -1019,3 +1019,44 @@ async def test_tls_key_update_from_openssl_s_client(env: Env, gateway_certs: TLS
         assert "KEYUPDATE" in result.stderr, result.stderr
         assert [seen.target for seen in node.requests] == [b"/before", b"/after"]
         assert result.stdout.count("HTTP/1.1 200 ") == 2, result.stdout
+
+
+async def test_tls_request_split_across_the_end_of_the_handshake(
+    env: Env, spy: Spy, gateway_certs: TLSCerts
+) -> None:
+    """The client's Finished and the first half of its request record arrive in one read
+    (the handshake reads both); the rest comes later: the reactor waits for it with the half
+    record kept, then serves the request."""
+    with trio.fail_after(10):
+        gateway, (node,) = await env.start(tls_context=gateway_certs.server)
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", gateway.port))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = gateway_certs.client.wrap_bio(incoming, outgoing, server_hostname="gw.test")
+        with sock:
+            while True:
+                try:
+                    client.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await sock.send(outgoing.read())
+                    incoming.write(await sock.recv(65536))
+            finished = outgoing.read()  # the client's Finished, not sent yet
+            client.write(b"GET /split HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            record = outgoing.read()
+            await sock.send(finished + record[:10])
+            await trio.sleep(0.2)  # the gateway has done the handshake and is waiting
+            assert node.requests == []
+            await sock.send(record[10:])
+            response = b""
+            while b"/split" not in response:
+                data = await sock.recv(65536)
+                if not data:
+                    break
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    while piece := client.read(65536):  # b"": close_notify
+                        response += piece
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert spy.starts == [b"/split"]  # the reactor served it
+        assert [seen.target for seen in node.requests] == [b"/split"]

@@ -191,15 +191,19 @@ class FastConnection:
         tls = self.tls
         if tls is not None and tls.buffered():
             # Input the socket will not signal again (read with the handshake, or by the
-            # task): the task serves it.
+            # task): the task serves it. Part of a record stays in the stream until the rest
+            # arrives (the socket signals that).
             try:
                 data = tls.decrypt()
             except ssl.SSLError:
                 return CLOSE
-            self.handler.bytes_in += len(data)
-            self.buffer += data
-            self.eof = tls.eof
-            return HANDOFF
+            if tls.eof and not data:
+                return CLOSE
+            if data:
+                self.handler.bytes_in += len(data)
+                self.buffer += data
+                self.eof = tls.eof
+                return HANDOFF
         try:
             reactor.interest(self.client_fd, 0, _IN)
         except (OSError, ValueError):
