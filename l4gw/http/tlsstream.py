@@ -179,7 +179,8 @@ class TLSStream(trio.abc.Stream, ByteIO):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.closed:
             raise trio.ClosedResourceError("the TLS stream is closed")
-        self._unsent += self.encrypt(bytes(data))
+        if data:
+            self.ssl.write(data)
         await self._flush()
 
     async def send_eof(self) -> None:
@@ -222,19 +223,24 @@ class TLSStream(trio.abc.Stream, ByteIO):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _try_write(self) -> None:
-        """Write queued ciphertext as far as the kernel takes it now; the rest stays queued
-        (for the next write). Nothing is written while another task is writing."""
-        if self._writing:
-            return
+    def _write_now(self) -> bool:
+        """Write the queued ciphertext (``_unsent``, then what ``outgoing`` holds) as far as
+        the kernel takes it now; True if nothing is left. Other ``OSError`` raise."""
         unsent = self._unsent
         unsent += self.outgoing.read()
-        if unsent:
+        while unsent:
             try:
                 sent = os.write(self.fd, unsent)
             except BlockingIOError:
-                return
+                return False
             del unsent[:sent]
+        return True
+
+    def _try_write(self) -> None:
+        """:meth:`_write_now` unless another task is writing; the rest stays queued (for
+        the next write)."""
+        if not self._writing:
+            self._write_now()
 
     async def _read_socket(self) -> bool:
         """Read from the socket into the TLS state; False at EOF."""
@@ -253,23 +259,12 @@ class TLSStream(trio.abc.Stream, ByteIO):
         a time, the others wait for it (and then find their bytes sent)."""
         while self._writing:
             await self._write_done.park()
-        unsent = self._unsent
-        unsent += self.outgoing.read()
-        if not unsent:
+        if self._write_now():
             return
         self._writing = True
-        fd = self.fd
         try:
-            while True:
-                try:
-                    sent = os.write(fd, unsent)
-                except BlockingIOError:
-                    sent = 0
-                del unsent[:sent]
-                unsent += self.outgoing.read()
-                if not unsent:
-                    return
-                await _wait_writable(fd)
+            while not self._write_now():
+                await _wait_writable(self.fd)
         finally:
             self._writing = False
             self._write_done.unpark_all()
