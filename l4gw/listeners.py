@@ -18,14 +18,15 @@ import structlog
 import trio
 
 from . import logs
-from .connect import open_node_connection
+from .connect import NodeConnector, open_node_connection
 from .errors import GatewayError
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
-from .reactor import NodeConnector, Reactor
+from .reactor import Reactor
 from .relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 from .runtime import ListenerRuntime
+from .upstream import NodeLease
 
 log = structlog.get_logger("l4gw.listener")
 
@@ -352,13 +353,15 @@ async def _connect(
     client: tuple[str, int],
     conn_local: Callable[[], tuple[str, int]],
     early: bytes,
-) -> tuple[socket.socket, NodeState]:
+) -> tuple[socket.socket, NodeLease]:
     """Connect to a node of the listener's upstream and send what must precede the relay
-    (the PROXY header and bytes read ahead). Raises ``GatewayError`` or ``OSError``."""
+    (the PROXY header and bytes read ahead). Raises ``GatewayError`` or ``OSError``.
+
+    The caller owns the socket and the lease that counts it on its node."""
     upstream_name = listener.config.upstream
     assert upstream_name is not None
     upstream = listener.upstreams[upstream_name]
-    node_sock, node = await open_node_connection(upstream, client[0].encode())
+    node_sock, lease = await open_node_connection(upstream, client[0].encode())
     try:
         prefix = early
         if upstream.config.proxy_protocol != "off":
@@ -367,10 +370,10 @@ async def _connect(
         if prefix:
             await _send_all(node_sock, prefix)
     except BaseException:
-        node.active -= 1
+        lease.release()
         node_sock.close()
         raise
-    return node_sock, node
+    return node_sock, lease
 
 
 def _plain_upstream(listener: ListenerRuntime) -> bool:
@@ -400,17 +403,19 @@ def _connect_failed(
 def _finisher(
     listener: ListenerRuntime,
     client: tuple[str, int],
-    node: NodeState,
+    lease: NodeLease,
     sweeper: IdleSweeper,
     started: float,
     early: bytes,
 ) -> Callable[[Relay], None]:
-    """The ``on_finish`` of a plain-TCP relay: counters, node accounting, access log."""
+    """The ``on_finish`` of a relay: counters, node accounting (releases ``lease``), access
+    log."""
     stats = listener.stats
+    node = lease.node
 
     def finish(relay: Relay) -> None:
         sweeper.discard(relay)
-        node.active -= 1
+        lease.release()
         stats.active -= 1
         stats.bytes_in += relay.bytes_in
         stats.bytes_out += relay.bytes_out
@@ -444,16 +449,16 @@ def _start_proxy_tcp(
     assert upstream_name is not None
     upstream = listener.upstreams[upstream_name]
 
-    def connected(node_sock: socket.socket, node: NodeState, mask: int) -> None:
+    def connected(node_sock: socket.socket, lease: NodeLease, mask: int) -> None:
         sweeper = ctx.sweeper
         relay = SocketRelay(
             reactor,
             conn,
             node_sock,
             upstream.config.idle_timeout,
-            _finisher(listener, client, node, sweeper, started, b""),
+            _finisher(listener, client, lease, sweeper, started, b""),
         )
-        sweeper.add(relay, listener=listener.name, node=node)
+        sweeper.add(relay, listener=listener.name, node=lease.node)
         relay.start(node_mask=mask, read_now=True)
 
     def failed(exc: Exception) -> None:
@@ -478,7 +483,7 @@ async def _proxy_tcp(
     sent on to the node carries it (as HAProxy does), else this listener's own address."""
     local = conn.getsockname if destination is None else (lambda: destination)
     try:
-        node_sock, node = await _connect(listener, client, local, early)
+        node_sock, lease = await _connect(listener, client, local, early)
     except BaseException as exc:
         _connect_failed(listener, conn, client, started, early, exc)
         if not isinstance(exc, (GatewayError, OSError)):
@@ -488,10 +493,10 @@ async def _proxy_tcp(
     assert upstream_name is not None
     idle_timeout = listener.upstreams[upstream_name].config.idle_timeout
     sweeper = ctx.sweeper
-    finish = _finisher(listener, client, node, sweeper, started, early)
+    finish = _finisher(listener, client, lease, sweeper, started, early)
     if ctx.reactor is not None:
         relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish)
-        sweeper.add(relay, listener=listener.name, node=node)
+        sweeper.add(relay, listener=listener.name, node=lease.node)
         relay.start(read_now=True)
     else:
         stream_relay = StreamRelay(
@@ -500,7 +505,7 @@ async def _proxy_tcp(
             idle_timeout,
             finish,
         )
-        sweeper.add(stream_relay, listener=listener.name, node=node)
+        sweeper.add(stream_relay, listener=listener.name, node=lease.node)
         await stream_relay.run(ctx.nursery)
 
 
@@ -569,7 +574,7 @@ async def _relay_stream(
 ) -> None:
     """L4 with TLS terminated here: copy loop between the TLS stream and the node."""
     try:
-        node_sock, node = await _connect(listener, client, conn.getsockname, b"")
+        node_sock, lease = await _connect(listener, client, conn.getsockname, b"")
     except BaseException as exc:
         _connect_failed(listener, conn, client, started, b"", exc)  # closes the stream's socket
         if not isinstance(exc, (GatewayError, OSError)):
@@ -578,14 +583,14 @@ async def _relay_stream(
     upstream_name = listener.config.upstream
     assert upstream_name is not None
     sweeper = ctx.sweeper
-    finish = _finisher(listener, client, node, sweeper, started, b"")
+    finish = _finisher(listener, client, lease, sweeper, started, b"")
     relay = StreamRelay(
         stream,
         trio.SocketStream(trio.socket.from_stdlib_socket(node_sock)),
         listener.upstreams[upstream_name].config.idle_timeout,
         finish,
     )
-    sweeper.add(relay, listener=listener.name, node=node)
+    sweeper.add(relay, listener=listener.name, node=lease.node)
     await relay.run(ctx.nursery)
 
 

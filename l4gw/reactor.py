@@ -10,9 +10,9 @@ descriptors with ``epoll.poll(0)`` and hands each to the object that owns it (``
 A message costs its two syscalls, an ``epoll_ctl`` happens only on backpressure transitions,
 and a connection costs no task.
 
-``NodeConnector`` connects to a node the same way (non-blocking ``connect``, ``EPOLLOUT``,
-``SO_ERROR``), with ``connect_timeout`` kept on the reactor's timer heap, so an accepted plain
-TCP connection spawns no trio task at all.
+:class:`l4gw.connect.NodeConnector` connects to a node the same way (non-blocking
+``connect``, ``EPOLLOUT``, ``SO_ERROR``), with ``connect_timeout`` kept on the reactor's timer
+heap, so an accepted plain TCP connection spawns no trio task at all.
 
 Fairness: every handler does bounded work per event (level triggering reports a socket again
 if it still has data). After a batch the reactor polls again at once (under load more events
@@ -25,26 +25,21 @@ the drain) it aborts every relay and connect still registered, then closes the e
 
 from __future__ import annotations
 
-import errno
 import heapq
 import math
-import os
 import select
-import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 import trio
 
-from .errors import NoHealthyNode, UpstreamConnectError
-from .nodes import NodeState
 from .relay import PipePool, SocketRelay
-from .upstream import UpstreamRuntime
+
+if TYPE_CHECKING:
+    from .connect import NodeConnector
 
 log = structlog.get_logger("l4gw.reactor")
-#: Connect attempts log under the same name as ``l4gw.connect.open_node_connection``.
-connect_log = structlog.get_logger("l4gw.connect")
 
 HAVE_REACTOR = hasattr(select, "epoll")
 #: Ready descriptors taken per ``epoll.poll``.
@@ -52,8 +47,6 @@ MAX_EVENTS = 1024
 #: Batches dispatched back to back (polling again at once while events keep coming, which
 #: saves trio's wake-up round under load) before the other trio tasks get a turn.
 MAX_ROUNDS = 4
-_EPOLLOUT = getattr(select, "EPOLLOUT", 0x004)
-_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class EventHandler(Protocol):
@@ -260,212 +253,3 @@ class Reactor:
         """Close the epoll descriptor (idempotent). Relays must be gone (``close_all``)."""
         self.stopped = True
         self.epoll.close()
-
-
-ConnectedCallback = Callable[[socket.socket, NodeState, int], None]
-FailedCallback = Callable[[Exception], None]
-
-
-class NodeConnector:
-    """``open_node_connection`` as a reactor state machine (plain TCP, no task).
-
-    Same behaviour, attempt by attempt: up to ``retries`` picks over distinct nodes; a node
-    that backend authorization does not permit is never connected to (logged
-    ``node_unauthorized``, the pick still counts); the node's ``active`` count is raised from
-    the pick on and lowered again if the attempt fails; a failed attempt (socket, connect or
-    ``SO_ERROR`` error, or ``connect_timeout``) calls ``upstream.connect_failed`` and logs
-    ``connect_failed``; a success counts ``connections_total`` and calls
-    ``connect_succeeded``. At the end exactly one callback runs: ``on_connected(sock, node,
-    mask)`` (the socket is still in the epoll set with ``mask``: ``SocketRelay.start`` adopts
-    it) or ``on_failed(exc)`` with ``NoHealthyNode`` (nothing could be tried),
-    ``UpstreamConnectError`` (every attempt failed) or ``ReactorStopped`` (shutdown).
-    ``first``: a node the caller already picked, tried first (its pick counts as an attempt).
-
-    Resource handling: owns the socket of the attempt under way; hands the connected socket
-    to ``on_connected``.
-    """
-
-    __slots__ = (
-        "attempts",
-        "client_key",
-        "config",
-        "first",
-        "last_error",
-        "node",
-        "on_connected",
-        "on_failed",
-        "reactor",
-        "sock",
-        "timer",
-        "tried",
-        "upstream",
-    )
-
-    def __init__(
-        self,
-        reactor: Reactor,
-        upstream: UpstreamRuntime,
-        client_key: bytes,
-        on_connected: ConnectedCallback,
-        on_failed: FailedCallback,
-        *,
-        first: NodeState | None = None,
-    ) -> None:
-        self.reactor = reactor
-        self.first = first
-        self.upstream = upstream
-        self.config = upstream.config
-        self.client_key = client_key
-        self.on_connected = on_connected
-        self.on_failed = on_failed
-        self.tried: list[NodeState] = []
-        self.attempts = 0
-        self.last_error: OSError | None = None
-        self.node: NodeState | None = None
-        self.sock: socket.socket | None = None
-        self.timer: Timer | None = None
-
-    def start(self) -> None:
-        """Begin connecting; a callback may run before this returns."""
-        if self.reactor.stopped:
-            self.on_failed(ReactorStopped("shutdown"))
-            return
-        self.reactor.connectors.add(self)
-        self._next()
-
-    def _next(self) -> None:
-        """Start the next attempt, or report the outcome when there is none left."""
-        upstream = self.upstream
-        config = self.config
-        reactor = self.reactor
-        while self.attempts < config.retries:
-            self.attempts += 1
-            node = self.first
-            if node is not None:
-                self.first = None
-            else:
-                node = upstream.pick(self.tried, self.client_key)
-            if node is None:
-                break
-            self.tried.append(node)
-            if not upstream.authorization.permits(node.address):
-                connect_log.error("node_unauthorized", upstream=upstream.name, node=node.key)
-                continue
-            # Counted on the node from the pick on (see open_node_connection).
-            node.active += 1
-            try:
-                sock = socket.socket(node.address.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError as exc:
-                self._attempt_failed(node, exc)
-                continue
-            try:
-                sock.setsockopt(*_NODELAY)
-                err = sock.connect_ex(node.address.sockaddr())
-                if err == errno.EINPROGRESS:
-                    fd = sock.fileno()
-                    reactor.epoll.register(fd, _EPOLLOUT)
-                    reactor.handlers[fd] = self
-                    self.node = node
-                    self.sock = sock
-                    self.timer = reactor.call_at(
-                        trio.current_time() + config.connect_timeout, self._timed_out
-                    )
-                    return
-                if err:
-                    raise OSError(err, os.strerror(err))
-            except OSError as exc:
-                sock.close()
-                self._attempt_failed(node, exc)
-                continue
-            self._connected(sock, node, 0)
-            return
-        reactor.connectors.discard(self)
-        failure: Exception
-        if self.last_error is None:
-            failure = NoHealthyNode(f"upstream {upstream.name}: no node available")
-        else:
-            failure = UpstreamConnectError(
-                f"upstream {upstream.name}: {len(self.tried)} connect attempt(s) failed, last: "
-                f"{self.last_error.strerror or self.last_error}"
-            )
-        self.on_failed(failure)
-
-    def on_event(self, fd: int, mask: int) -> None:
-        """The socket being connected is writable (connected) or in error."""
-        sock = self.sock
-        node = self.node
-        if sock is None or node is None or fd != sock.fileno():
-            return
-        try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            err = exc.errno or errno.EIO
-        if err:
-            self._drop_socket()
-            self._attempt_failed(node, OSError(err, os.strerror(err)))
-            self._next()
-            return
-        self.sock = None
-        self.node = None
-        if self.timer is not None:
-            self.reactor.cancel_timer(self.timer)
-            self.timer = None
-        self._connected(sock, node, _EPOLLOUT)
-
-    def _timed_out(self) -> None:
-        node = self.node
-        if self.sock is None or node is None:
-            return
-        self.timer = None
-        self._drop_socket()
-        timeout = self.config.connect_timeout
-        self._attempt_failed(
-            node, OSError(errno.ETIMEDOUT, f"connect timed out after {timeout:g}s")
-        )
-        self._next()
-
-    def _drop_socket(self) -> None:
-        """Unregister and close the socket of the attempt under way."""
-        sock = self.sock
-        if sock is not None:
-            self.reactor.forget(sock.fileno(), _EPOLLOUT)
-            sock.close()
-        self.sock = None
-        self.node = None
-        if self.timer is not None:
-            self.reactor.cancel_timer(self.timer)
-            self.timer = None
-
-    def _attempt_failed(self, node: NodeState, exc: OSError) -> None:
-        node.active -= 1
-        self.last_error = exc
-        self.upstream.connect_failed(node)
-        connect_log.info(
-            "connect_failed",
-            upstream=self.upstream.name,
-            node=node.key,
-            error=exc.strerror or str(exc),
-        )
-
-    def _connected(self, sock: socket.socket, node: NodeState, mask: int) -> None:
-        reactor = self.reactor
-        reactor.connectors.discard(self)
-        node.connections_total += 1
-        self.upstream.connect_succeeded(node)
-        fd = sock.fileno()
-        try:
-            self.on_connected(sock, node, mask)
-        finally:
-            if reactor.handlers.get(fd) is self:  # not adopted: never leave it registered
-                reactor.forget(fd, mask)
-
-    def abort(self, reason: str, *, reset: bool = False) -> None:
-        """Give up (shutdown): close the attempt under way and report ``ReactorStopped``."""
-        if self not in self.reactor.connectors:
-            return
-        self.reactor.connectors.discard(self)
-        node = self.node
-        self._drop_socket()
-        if node is not None:
-            node.active -= 1
-        self.on_failed(ReactorStopped(reason))

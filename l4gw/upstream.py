@@ -1,9 +1,17 @@
-"""The running state of one upstream: its nodes, balancer and node observers. No I/O.
+"""The running state of one upstream: its nodes, balancer and node observers, and the two
+objects every connect goes through. No I/O.
 
 One ``UpstreamRuntime`` exists per upstream name for the life of the daemon. A reload calls
 ``apply`` with the new configuration; DNS discovery calls ``set_discovered``. Both keep the
 ``NodeState`` of every node that stays (health and counters survive) and take nodes that leave
 out of service: they get no new connections, while their live connections run on.
+
+``NodeLease`` is the only thing that changes ``NodeState.active`` (what ``least_conn``,
+``random_two`` and ``max_connections_per_node`` read): one lease per node connection, held
+while the connection is in use. ``ConnectPlan`` is the attempt-by-attempt logic of one
+client's connect (retries over distinct nodes, backend authorization, the counters, logs and
+final errors); :mod:`l4gw.connect` drives it from a task and from the reactor's callbacks, and
+:class:`l4gw.http.pool.NodePool` with keep-alive reuse.
 """
 
 from __future__ import annotations
@@ -16,10 +24,13 @@ import structlog
 from .acl import BackendAuthorization
 from .balance import Balancer, make_balancer
 from .config import UpstreamConfig
+from .errors import NoHealthyNode, UpstreamConnectError
 from .netaddr import SocketAddress
 from .nodes import NodeSource, NodeState
 
 log = structlog.get_logger("l4gw.upstream")
+#: Connect attempts log under the name they always had.
+connect_log = structlog.get_logger("l4gw.connect")
 
 
 class NodeObserver(Protocol):
@@ -70,7 +81,14 @@ class UpstreamRuntime:
 
     def _rebuild(self) -> None:
         current = {node.address: node for node in self.nodes}
-        current.update({node.address: node for node in self.retired if node.address not in current})
+        # A retired node whose address is in service again under a newer NodeState (it was
+        # forgotten at 0, then a pooled connection to it was taken again) stays retired.
+        shadowed: list[NodeState] = []
+        for old in self.retired:
+            if old.address in current:
+                shadowed.append(old)
+            else:
+                current[old.address] = old
         wanted: dict[SocketAddress, tuple[int, NodeSource]] = {}
         for address, weight in self._static:
             wanted[address] = (weight, "static")
@@ -100,10 +118,11 @@ class UpstreamRuntime:
         for node in current.values():
             node.in_service = False
         self.nodes = nodes
-        self.retired = [node for node in current.values() if node.active > 0]
+        self.retired = [node for node in (*current.values(), *shadowed) if node.active > 0]
 
     def forget_retired(self) -> None:
-        """Drop retired nodes whose last connection has closed."""
+        """Drop retired nodes whose last connection has closed (``NodeLease.release`` calls
+        this when a retired node's count reaches 0)."""
         if self.retired:
             self.retired = [node for node in self.retired if node.active > 0]
 
@@ -155,3 +174,139 @@ class UpstreamRuntime:
     def connect_succeeded(self, node: NodeState) -> None:
         for observer in self.observers:
             observer.connect_succeeded(self, node)
+
+
+class NodeLease:
+    """One connection counted on one node: the only writer of ``NodeState.active``.
+
+    Creating a lease raises the node's count at once (from the pick on, before the connect:
+    concurrent picks must see it). :meth:`release` lowers it; releasing a lease that is not
+    held does nothing, so error paths may release unconditionally. :meth:`acquire` counts it
+    again: a keep-alive connection keeps its one lease for its whole life, released while it
+    is idle in a pool and acquired again when it is taken for a request (no allocation per
+    request). When a node that left the upstream drops to 0, the upstream forgets it.
+    """
+
+    __slots__ = ("held", "node", "upstream")
+
+    def __init__(self, upstream: UpstreamRuntime, node: NodeState) -> None:
+        self.upstream = upstream
+        self.node = node
+        #: True while the connection is counted on ``node``.
+        self.held = True
+        node.active += 1
+
+    def acquire(self) -> None:
+        """Count the connection on the node again (no-op while held)."""
+        if self.held:
+            return
+        self.held = True
+        node = self.node
+        node.active += 1
+        if not node.in_service and node not in self.upstream.retired:
+            self.upstream.retired.append(node)  # forgotten at 0, live again: show it
+
+    def release(self) -> None:
+        """Stop counting the connection on the node (no-op unless held)."""
+        if not self.held:
+            return
+        self.held = False
+        node = self.node
+        node.active -= 1
+        if not node.active and not node.in_service:
+            self.upstream.forget_retired()
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "released"
+        return f"<NodeLease {self.upstream.name}/{self.node.key} {state}>"
+
+
+class ConnectPlan:
+    """The connect attempts of one client's connection to one upstream (no I/O).
+
+    A driver loops: :meth:`next` gives the lease of the next attempt (or the final error),
+    the driver connects to ``lease.node`` and reports :meth:`succeeded` (the driver then owns
+    the lease) or :meth:`failed` (the plan releases it). The rules, the same for every
+    driver:
+
+    * at most ``retries`` attempts (the upstream's setting when the plan was made), each to
+      a node not tried before, picked by :meth:`UpstreamRuntime.pick` (balancer, health,
+      ``fail_open``, ``max_connections_per_node``); ``first``, if given, is the node of the
+      first attempt (the caller picked it already);
+    * a node that backend authorization does not permit is never connected to: it uses up an
+      attempt and is logged ``node_unauthorized``;
+    * a failed attempt counts ``connect_failures``, tells the observers (passive health) and
+      logs ``connect_failed``; a successful one counts ``connections_total`` and tells the
+      observers;
+    * the final error is ``NoHealthyNode`` when no attempt reached a connect, else
+      ``UpstreamConnectError`` naming the attempts and the last error.
+    """
+
+    __slots__ = ("client_key", "first", "last_error", "retries", "tried", "upstream")
+
+    def __init__(
+        self, upstream: UpstreamRuntime, client_key: bytes, *, first: NodeState | None = None
+    ) -> None:
+        self.upstream = upstream
+        self.client_key = client_key
+        self.first = first
+        self.retries = upstream.config.retries
+        #: Nodes picked so far (authorized or not), in order.
+        self.tried: list[NodeState] = []
+        #: The error of the last failed connect, None if none failed.
+        self.last_error: str | None = None
+
+    def next_node(self) -> NodeState | NoHealthyNode | UpstreamConnectError:
+        """The authorized node of the next attempt, or the final error when none is left.
+
+        Does not count the node: the caller counts it with a lease (``NodeLease`` or a
+        pooled connection's ``acquire``) before it awaits anything.
+        """
+        upstream = self.upstream
+        tried = self.tried
+        while len(tried) < self.retries:
+            node = self.first
+            if node is not None:
+                self.first = None
+            else:
+                node = upstream.pick(tried, self.client_key)
+            if node is None:
+                break
+            tried.append(node)
+            if not upstream.authorization.permits(node.address):
+                connect_log.error("node_unauthorized", upstream=upstream.name, node=node.key)
+                continue
+            return node
+        return self.error()
+
+    def next(self) -> NodeLease | NoHealthyNode | UpstreamConnectError:
+        """The next attempt, its node already counted; or the final error."""
+        node = self.next_node()
+        if isinstance(node, NodeState):
+            return NodeLease(self.upstream, node)
+        return node
+
+    def failed(self, lease: NodeLease, error: OSError | str) -> None:
+        """The attempt of ``lease`` failed with ``error``: release the lease, count, log."""
+        lease.release()
+        node = lease.node
+        text = error if isinstance(error, str) else error.strerror or str(error)
+        self.last_error = text
+        self.upstream.connect_failed(node)
+        connect_log.info("connect_failed", upstream=self.upstream.name, node=node.key, error=text)
+
+    def succeeded(self, lease: NodeLease) -> None:
+        """The attempt of ``lease`` connected; the caller keeps the lease and releases it
+        when the connection ends."""
+        node = lease.node
+        node.connections_total += 1
+        self.upstream.connect_succeeded(node)
+
+    def error(self) -> NoHealthyNode | UpstreamConnectError:
+        """The error that ends the plan (messages as users have always seen them)."""
+        name = self.upstream.name
+        if self.last_error is None:
+            return NoHealthyNode(f"upstream {name}: no node available")
+        return UpstreamConnectError(
+            f"upstream {name}: {len(self.tried)} connect attempt(s) failed, last: {self.last_error}"
+        )

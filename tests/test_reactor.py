@@ -15,11 +15,13 @@ import trio
 from l4gw import relay as relay_mod
 from l4gw.acl import BackendAuthorization
 from l4gw.config import AuthorizeRule, NodeConfig, UpstreamConfig
+from l4gw.connect import NodeConnector
 from l4gw.errors import NoHealthyNode, UpstreamConnectError
 from l4gw.netaddr import SocketAddress, parse_network
 from l4gw.nodes import NodeState
-from l4gw.reactor import NodeConnector, Reactor, ReactorStopped
+from l4gw.reactor import Reactor, ReactorStopped
 from l4gw.relay import PipePool, Relay, SocketRelay
+from l4gw.upstream import NodeLease
 from l4gw.upstream import UpstreamRuntime as Upstream
 
 from .conftest import free_port, sock_read_to_eof, sock_send_all, tcp_pair, wait_until
@@ -419,8 +421,8 @@ class Outcome:
         self.failed: list[Exception] = []
         self.done = trio.Event()
 
-    def on_connected(self, sock: socket.socket, node: NodeState, mask: int) -> None:
-        self.connected.append((sock, node, mask))
+    def on_connected(self, sock: socket.socket, lease: NodeLease, mask: int) -> None:
+        self.connected.append((sock, lease.node, mask))
         self.done.set()
 
     def on_failed(self, exc: Exception) -> None:

@@ -10,7 +10,7 @@ callbacks, request after request, as long as each one is ordinary:
 * its upstream is plain TCP without PROXY headers.
 
 Such a request is routed, checked (source ACL, rate limit), sent to a node over a pooled
-connection (or one connected by a :class:`l4gw.reactor.NodeConnector`), and the response is
+connection (or one connected by a :class:`l4gw.connect.NodeConnector`), and the response is
 relayed with the same rules as the task's: interim 1xx, re-framing, ``Connection: close``,
 every error status with its JSON body, the retry of an idempotent request on a fresh
 connection when a reused one turns out dead, access lines and metrics.
@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from ..connect import NodeConnector
 from ..errors import GatewayError
 from ..nodes import NodeState
-from ..reactor import NodeConnector, Reactor, ReactorStopped
-from ..upstream import UpstreamRuntime
+from ..reactor import Reactor, ReactorStopped
+from ..upstream import NodeLease, UpstreamRuntime
 from .admission import refusal, route_request
 from .headers import request_headers, response_headers
 from .pool import NodeConnection
@@ -428,11 +429,9 @@ class FastConnection:
         self.connector = connector
         connector.start()
 
-    def _connected(self, sock: socket.socket, node: NodeState, mask: int) -> None:
+    def _connected(self, sock: socket.socket, lease: NodeLease, mask: int) -> None:
         self.connector = None
-        upstream = self.upstream
-        assert upstream is not None
-        nc = self.handler.pool.adopt(upstream, node, sock)
+        nc = self.handler.pool.adopt(lease, sock)
         if self.state != _CONNECT:  # torn down meanwhile
             self.reactor.forget(sock.fileno(), mask)
             self.handler.pool.release(nc, reuse=False)

@@ -1,10 +1,12 @@
 """Connections to nodes for http mode: connect with retries, TLS toward nodes, keep-alive pool.
 
-``node.active`` counts connections *in use* (a request on them): it is incremented when a
-connection is handed out by :meth:`NodePool.acquire` and decremented by
-:meth:`NodePool.release`, whether the connection goes back to the pool or is closed. Idle
-pooled connections do not count, so ``least_conn`` and ``max_connections_per_node`` see the
-load, not the pool.
+``node.active`` counts connections *in use* (a request on them). Every connection has one
+:class:`l4gw.upstream.NodeLease` for its life: held when it is handed out by
+:meth:`NodePool.acquire` (or :meth:`NodePool.take`, :meth:`NodePool.adopt`), released by
+:meth:`NodePool.release` whether the connection goes back to the pool or is closed, and
+acquired again when an idle one is taken. Idle pooled connections do not count, so
+``least_conn`` and ``max_connections_per_node`` see the load, not the pool. New connections
+follow the upstream's :class:`l4gw.upstream.ConnectPlan`, as every other connect does.
 
 The pool:
 
@@ -36,11 +38,11 @@ import trio
 
 from ..config import UpstreamTLSConfig
 from ..connect import connect_socket
-from ..errors import NoHealthyNode, UpstreamConnectError
+from ..errors import GatewayError
 from ..nodes import NodeState
 from ..reactor import Reactor
 from ..tls import client_context_for
-from ..upstream import UpstreamRuntime
+from ..upstream import ConnectPlan, NodeLease, UpstreamRuntime
 from .io import ByteIO, FdIO, StreamIO
 from .wire import ResponseReader
 
@@ -61,16 +63,17 @@ _EPOLLIN = 0x001
 
 
 class NodeConnection:
-    """One connection to a node: its byte I/O and the parser of its responses.
+    """One connection to a node: its byte I/O, the parser of its responses, and the lease
+    that counts it on its node while it is in use (``lease.held``).
 
     Resource handling: :meth:`close` closes it at once (no TLS close_notify: the node sees a
-    TCP close, as with an idle timeout).
+    TCP close, as with an idle timeout); it does not release the lease.
     """
 
     __slots__ = (
-        "held",
         "idle_since",
         "io",
+        "lease",
         "node",
         "private",
         "raw",
@@ -86,16 +89,16 @@ class NodeConnection:
 
     def __init__(
         self,
-        upstream: UpstreamRuntime,
-        node: NodeState,
+        lease: NodeLease,
         *,
         raw: socket.socket,
         sock: trio.socket.SocketType,
         stream: trio.abc.Stream | None,
         tls_config: UpstreamTLSConfig | None,
     ) -> None:
-        self.upstream = upstream
-        self.node = node
+        self.lease = lease
+        self.upstream = lease.upstream
+        self.node = lease.node
         self.raw = raw
         self.sock = sock
         #: The TLS stream, or None for plain TCP (driven by file descriptor).
@@ -106,8 +109,6 @@ class NodeConnection:
         self.idle_since = 0.0
         #: Requests sent on this connection so far (> 0 means it was reused).
         self.requests = 0
-        #: True between acquire and release (``node.active`` counts it).
-        self.held = False
         #: Opened with a PROXY header for one client: never goes back to the pool.
         self.private = False
         #: The reactor whose epoll set holds the socket (EPOLLIN) while it is idle in
@@ -181,65 +182,47 @@ class NodePool:
     ) -> NodeConnection:
         """A connection to a node of ``upstream``: an idle pooled one, else a new one.
 
-        Nodes are picked by the upstream's balancer; a picked node with an idle connection
-        gets the request on it, otherwise a connection is opened, with up to ``retries``
-        attempts over distinct nodes as in :func:`l4gw.connect.open_node_connection`.
+        Nodes are picked by the upstream's :class:`l4gw.upstream.ConnectPlan` (as in
+        :func:`l4gw.connect.open_node_connection`: up to ``retries`` distinct, authorized
+        nodes); a picked node with an idle connection gets the request on it, otherwise a
+        connection is opened to it.
         ``fresh`` skips the pool; ``prefix`` (a PROXY header) is sent first on a new
         connection (and implies ``fresh``). The caller hands the connection to
         :meth:`release` exactly once.
 
         Raises ``NoHealthyNode`` or ``UpstreamConnectError``.
         """
-        config = upstream.config
-        tried: list[NodeState] = []
-        last_error: str | None = None
+        plan = ConnectPlan(upstream, client_key)
         use_pool = not fresh and not prefix
-        for _ in range(max(1, config.retries)):
-            node = upstream.pick(tried, client_key)
-            if node is None:
-                break
-            tried.append(node)
+        while True:
+            node = plan.next_node()
+            if isinstance(node, GatewayError):
+                raise node
             if use_pool:
                 conn = self.take(node, upstream)
                 if conn is not None:
                     return conn
-            if not upstream.authorization.permits(node.address):
-                log.error("node_unauthorized", upstream=upstream.name, node=node.key)
-                continue
             # Counted while connecting, so that concurrent requests see it (least_conn,
-            # max_connections_per_node); given back below if the attempt fails.
-            node.active += 1
+            # max_connections_per_node); the plan releases it if the attempt fails.
+            lease = NodeLease(upstream, node)
             try:
-                conn = await self._open(upstream, node, prefix)
+                conn = await self._open(lease, prefix)
             except OSError as exc:
-                node.active -= 1
-                last_error = exc.strerror or str(exc)
+                plan.failed(lease, exc)
             except trio.BrokenResourceError as exc:
-                node.active -= 1
-                cause = exc.__cause__
-                last_error = f"TLS: {cause or exc}"
+                plan.failed(lease, f"TLS: {exc.__cause__ or exc}")
             except BaseException:
-                node.active -= 1
+                lease.release()
                 raise
             else:
-                conn.held = True
                 conn.private = bool(prefix)
-                node.connections_total += 1
                 self.opened += 1
-                upstream.connect_succeeded(node)
+                plan.succeeded(lease)
                 return conn
-            upstream.connect_failed(node)
-            log.info("connect_failed", upstream=upstream.name, node=node.key, error=last_error)
-        if last_error is None:
-            raise NoHealthyNode(f"upstream {upstream.name}: no node available")
-        raise UpstreamConnectError(
-            f"upstream {upstream.name}: {len(tried)} connect attempt(s) failed, last: {last_error}"
-        )
 
-    async def _open(
-        self, upstream: UpstreamRuntime, node: NodeState, prefix: bytes
-    ) -> NodeConnection:
-        config = upstream.config
+    async def _open(self, lease: NodeLease, prefix: bytes) -> NodeConnection:
+        config = lease.upstream.config
+        node = lease.node
         raw = await connect_socket(node.address, config.connect_timeout)
         sock = trio.socket.from_stdlib_socket(raw)
         stream: trio.abc.Stream | None = None
@@ -263,9 +246,7 @@ class NodePool:
             sock.close()
             raise
         self._start_sweeper()
-        return NodeConnection(
-            upstream, node, raw=raw, sock=sock, stream=stream, tls_config=config.tls
-        )
+        return NodeConnection(lease, raw=raw, sock=sock, stream=stream, tls_config=config.tls)
 
     def take(
         self,
@@ -297,28 +278,24 @@ class NodePool:
                     conn.unwatch()
                     usable = conn.usable()
                 if usable:
-                    node.active += 1
-                    conn.held = True
+                    conn.lease.acquire()
                     self.reused += 1
                     return conn
             conn.close()
         return None
 
-    def adopt(
-        self, upstream: UpstreamRuntime, node: NodeState, raw: socket.socket
-    ) -> NodeConnection:
-        """A plain-TCP connection to ``node`` opened elsewhere (by the reactor's
-        ``NodeConnector``, which counted it on the node), handed out as by :meth:`acquire`."""
+    def adopt(self, lease: NodeLease, raw: socket.socket) -> NodeConnection:
+        """A plain-TCP connection to ``lease.node`` opened elsewhere (by a
+        :class:`l4gw.connect.NodeConnector`), handed out as by :meth:`acquire`; it keeps
+        ``lease`` (held) for its life."""
         self._start_sweeper()
         conn = NodeConnection(
-            upstream,
-            node,
+            lease,
             raw=raw,
             sock=trio.socket.from_stdlib_socket(raw),
             stream=None,
-            tls_config=upstream.config.tls,
+            tls_config=lease.upstream.config.tls,
         )
-        conn.held = True
         self.opened += 1
         return conn
 
@@ -336,19 +313,19 @@ class NodePool:
     ) -> None:
         """Give back a connection from :meth:`acquire`: pooled if ``reuse`` and clean, else
         closed. ``reuse`` says the last exchange ended cleanly and the node keeps the
-        connection open. Decrements ``node.active`` either way. Releasing again does nothing,
-        so error paths may release unconditionally.
+        connection open. Releases the connection's lease either way. Releasing again does
+        nothing, so error paths may release unconditionally.
 
         ``watch``: the socket is in this reactor's epoll set with ``mask``; if it is pooled
         it stays there (EPOLLIN, the connection as its handler), else it is taken out.
         """
-        if not conn.held:
+        lease = conn.lease
+        if not lease.held:
             if watch is not None:
                 watch.forget(conn.raw.fileno(), mask)
             return
-        conn.held = False
+        lease.release()
         node = conn.node
-        node.active -= 1
         if not (
             reuse
             and not conn.private
@@ -378,10 +355,6 @@ class NodePool:
         if len(idle) >= self.max_idle_per_node:
             idle.pop(0).close()
         idle.append(conn)
-
-    def discard(self, conn: NodeConnection) -> None:
-        """Close a connection from :meth:`acquire` (same as ``release(conn, reuse=False)``)."""
-        self.release(conn, reuse=False)
 
     # -- maintenance -------------------------------------------------------------------
 

@@ -544,8 +544,7 @@ class _Handler:
         if private is not None:
             self.private = None
             if not fresh and private.upstream is upstream and private.usable():
-                private.node.active += 1
-                private.held = True
+                private.lease.acquire()
                 return private
             private.close()
         local = _local_address(self.stream) or self.listener.config.listen.sockaddr()
@@ -556,10 +555,9 @@ class _Handler:
         if not nc.private:
             self.pool.release(nc, reuse=reuse)
             return
-        if not nc.held:
+        if not nc.lease.held:
             return
-        nc.held = False
-        nc.node.active -= 1
+        nc.lease.release()
         if reuse and nc.node.in_service and not nc.reader.buffer:
             nc.reader.reset()
             if self.private is not None:
