@@ -395,12 +395,6 @@ class SourceHashBalancer:
             return node
         return self._fallback(slot, member, eligible)
 
-    def node_for(self, client_key: bytes) -> NodeState | None:
-        """The client's node ignoring eligibility, as of the last ``pick`` (for tests, status)."""
-        if not self._table:
-            return None
-        return self._slot_nodes[self._table[_client_hash(client_key) % self._size]]
-
     def _refresh(self, nodes: Sequence[NodeState]) -> None:
         pickable = sorted(
             (
