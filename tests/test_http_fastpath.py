@@ -556,7 +556,9 @@ async def test_slow_client_backpressure(env: Env, spy: Spy) -> None:
         assert session.node_mask == 0
         assert session.client_mask == select.EPOLLOUT
         held = (  # ... and what the gateway holds itself stays bounded
-            len(session.pending) + sum(map(len, session.out)) + len(session.nc.reader.buffer)
+            len(session.pending)
+            + sum(map(len, session.exchange.out))
+            + len(session.nc.reader.buffer)
         )
         assert held <= 1024 * 1024
 

@@ -9,11 +9,10 @@ callbacks, request after request, as long as each one is ordinary:
   its whole body already read);
 * its upstream is plain TCP without PROXY headers.
 
-Such a request is routed, checked (source ACL, rate limit), sent to a node over a pooled
-connection (or one connected by a :class:`l4gw.connect.NodeConnector`), and the response is
-relayed with the same rules as the task's: interim 1xx, re-framing, ``Connection: close``,
-every error status with its JSON body, the retry of an idempotent request on a fresh
-connection when a reused one turns out dead, access lines and metrics.
+Such a request is played through the connection's :class:`l4gw.http.exchange.Exchange`,
+the same state machine the task drives: this module only carries out its commands with
+non-blocking system calls and epoll interest (node connections from the pool, or opened by
+a :class:`l4gw.connect.NodeConnector`).
 
 Anything else, and any head that is incomplete after a read, is handed back to the task
 before it has had any effect (nothing sent to a node, no rate-limit token taken): the task
@@ -22,9 +21,8 @@ is to close, the task wakes up and closes it; so the task stays the owner of the
 socket, and cancelling it (daemon shutdown) tears the fast state down through the abort
 callback of its wait.
 
-Timeouts use the connection's ``deadline``/``phase`` (:mod:`l4gw.http.timeouts`): the
-sweeper calls :meth:`FastConnection.expire`, which answers 504 to a request whose node is
-late and closes the connection in the other phases, as the task does.
+Timeouts: the sweeper calls :meth:`FastConnection.expire` (through the connection) once the
+exchange's deadline has passed; the exchange decides what happens (504, or closing).
 """
 
 from __future__ import annotations
@@ -41,32 +39,25 @@ from ..connect import NodeConnector
 from ..errors import GatewayError
 from ..nodes import NodeState
 from ..reactor import Reactor, ReactorStopped
-from ..upstream import NodeLease, UpstreamRuntime
-from .admission import refusal, route_request
-from .headers import request_headers, response_headers
+from ..upstream import NodeLease
+from .conn import HttpConn
+from .exchange import (
+    CONNECT,
+    DONE,
+    PUMP,
+    READ_NODE,
+    RELEASE,
+    RETRY,
+    SEND_CLIENT,
+    SEND_NODE,
+)
+from .exchange import HANDOFF as HANDOFF_TASK
 from .pool import NodeConnection
 from .request import PlainRequest, parse_request
-from .responses import (
-    DEFAULT_KEEPALIVE,
-    IDEMPOTENT,
-    MAX_HEAD,
-    Record,
-    client_response_head,
-    error_response,
-)
-from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, timeouts
-from .wire import (
-    DONE,
-    MORE,
-    NodeProtocolError,
-    ResponseHead,
-    frame_body,
-    request_head,
-    response_head,
-)
+from .responses import MAX_HEAD
+from .timeouts import IDLE
 
 if TYPE_CHECKING:
-    from .proxy import _Handler
     from .tlsstream import TLSStream
 
 __all__ = ["CLOSE", "HANDOFF", "FastConnection"]
@@ -80,8 +71,6 @@ CLOSE, HANDOFF = 1, 2
 _IN = 0x001  # EPOLLIN
 _OUT = 0x004  # EPOLLOUT
 _RECEIVE_SIZE = 64 * 1024
-#: Response bytes gathered before they are written to the client.
-_FLUSH_AT = 256 * 1024
 #: Requests served from one read (pipelined) before the rest goes to the task, so that one
 #: client cannot keep the reactor to itself.
 _PIPELINE_BURST = 32
@@ -100,47 +89,36 @@ class FastConnection:
 
     Resource handling: registers the client socket in the reactor while it runs and takes it
     out before the task wakes up; never closes it (the task does). Node connections are
-    taken from and given back to the handler's pool, or closed.
+    taken from and given back to the connection's pool, or closed.
     """
 
     __slots__ = (
-        "body",
+        "after",
         "buffer",
-        "chunk_out",
         "client_fd",
         "client_mask",
-        "close_after",
+        "conn",
         "connector",
         "eof",
-        "fresh",
-        "got_bytes",
-        "handler",
-        "is_head",
-        "keep_node",
+        "exchange",
         "nc",
         "node_fd",
-        "node_headers",
         "node_mask",
         "node_out",
-        "node_target",
-        "out",
         "pending",
         "reactor",
-        "request",
         "result",
-        "retryable",
-        "reused",
         "served",
         "state",
         "task",
         "tls",
-        "upstream",
     )
 
     def __init__(
-        self, handler: _Handler, reactor: Reactor, client_fd: int, tls: TLSStream | None = None
+        self, conn: HttpConn, reactor: Reactor, client_fd: int, tls: TLSStream | None = None
     ) -> None:
-        self.handler = handler
+        self.conn = conn
+        self.exchange = conn.exchange
         self.reactor = reactor
         self.client_fd = client_fd
         #: The client's TLS state (None: plain TCP): bytes read are fed to it and decrypted,
@@ -153,28 +131,15 @@ class FastConnection:
         self.result = CLOSE
         self.task: trio.lowlevel.Task | None = None
         self.served = 0
-        # Per request:
-        self.request: PlainRequest | None = None
-        self.body = b""
-        self.upstream: UpstreamRuntime | None = None
-        self.node_headers: list[tuple[bytes, bytes]] = []
-        self.node_target = b""
-        self.retryable = False
-        self.fresh = False
-        self.is_head = False
-        self.close_after = False
         self.connector: NodeConnector | None = None
         self.nc: NodeConnection | None = None
         self.node_fd = -1
         self.node_mask = 0
         self.node_out: memoryview | None = None
-        self.reused = False
-        self.got_bytes = False
-        self.keep_node = False
-        self.chunk_out = False
-        self.out: list[bytes] = []
         #: Bytes not yet taken by the client (backpressure: the node is not read meanwhile).
         self.pending: memoryview | None = None
+        #: The exchange's commands left to carry out once ``pending`` is written.
+        self.after = 0
 
     # -- the task's side ------------------------------------------------------------------
 
@@ -201,7 +166,7 @@ class FastConnection:
             if tls.eof and not data:
                 return CLOSE
             if data:
-                self.handler.bytes_in += len(data)
+                self.conn.bytes_in += len(data)
                 self.buffer += data
                 self.eof = tls.eof
                 return HANDOFF
@@ -299,7 +264,7 @@ class FastConnection:
         except OSError:
             self._end(CLOSE)
             return
-        handler = self.handler
+        conn = self.conn
         tls = self.tls
         if tls is not None:
             tls.feed(data)
@@ -309,7 +274,7 @@ class FastConnection:
                 self._end(CLOSE)
                 return
             if tls.eof:
-                handler.bytes_in += len(data)
+                conn.bytes_in += len(data)
                 self.buffer += data
                 data = b""
             elif not data:  # part of a record, or a TLS message with no application data
@@ -320,10 +285,9 @@ class FastConnection:
             self.eof = True
             self._end(HANDOFF if self.buffer else CLOSE)
             return
-        handler.bytes_in += len(data)
-        if handler.phase == IDLE:
-            handler.phase = HEAD
-            handler.deadline = trio.current_time() + handler.listener.config.header_timeout
+        conn.bytes_in += len(data)
+        if self.exchange.phase == IDLE:
+            self.exchange.head_started(trio.current_time())
         self.buffer += data
         self.served = 0
         self._next_requests()
@@ -344,84 +308,90 @@ class FastConnection:
 
     def _start(self, request: PlainRequest) -> None:
         """Route and check one request, then send it to a node (or answer it here)."""
-        handler = self.handler
-        listener = handler.listener
-        table = handler.route_table()
-        now = trio.current_time()
-        record = handler.record = Record(now)
-        handler.responded = False
-        method = request.method
-        method_text = method.decode("ascii")
-        target = request.target.decode("ascii")
-        host = request.host
-        host_text = host.decode("latin-1") if host is not None else None
-        record.method = method_text
-        record.path = target
-        record.host = host_text
-
-        match, bad_path, upstream = route_request(
-            listener, table, record, method_text, host_text, target
-        )
-        if upstream is not None and (
-            upstream.config.proxy_protocol != "off" or upstream.config.tls is not None
-        ):
-            # PROXY headers and TLS toward nodes are the task's (handed over before any check
-            # has had an effect: the task makes them again).
-            self._end(HANDOFF)
-            return
         buffer = self.buffer
         start, end = request.body_start, request.end
-        self.body = bytes(buffer[start:end]) if end > start else b""
-        del buffer[: request.end]
-        self.request = request
-        self.close_after = request.close
-        self.is_head = method == b"HEAD"
-        handler.phase = BUSY
-        handler.deadline = float("inf")
-
-        refused = refusal(listener, handler.client_ip, now, match, bad_path, upstream)
-        if refused is not None:
-            status, message, close = refused
-            handler.denied = handler.denied or status == 403
-            self._refuse(status, message, close=close)
-            return
-        assert match is not None and upstream is not None
-
-        host_header = match.route.host_header or upstream.config.host_header or None
-        self.node_headers, _ = request_headers(
+        body = bytes(buffer[start:end]) if end > start else b""
+        cmd = self.exchange.begin(
+            trio.current_time(),
+            request.method,
+            request.target,
+            request.host,
             request.headers,
-            client_ip=handler.client_ip,
-            tls=handler.tls,
-            host=host_header.encode("latin-1") if host_header else None,
+            http11=request.http11,
+            close=request.close,
+            body=(body,) if body else (),
+            reactor=True,
         )
-        self.node_target = match.target.encode("ascii")
-        self.upstream = upstream
-        self.retryable = method in IDEMPOTENT
-        self.fresh = False
-        sweeper = timeouts()
-        sweeper.need(upstream.config.response_timeout)
-        sweeper.need(upstream.config.idle_timeout)
-        self._acquire(upstream)
+        if cmd == HANDOFF_TASK:  # before the request had any effect: the task makes it again
+            self._end(HANDOFF)
+            return
+        del buffer[:end]
+        self.state = _EXCHANGE
+        self._run(cmd)
 
-    def _acquire(self, upstream: UpstreamRuntime) -> None:
-        """A node connection: a pooled one for the picked node, else a new one."""
-        handler = self.handler
-        first: NodeState | None = None
-        if not self.fresh:
-            node = upstream.pick([], handler.client_key)
-            if node is None:
-                self._refuse(503, f"upstream {upstream.name}: no node available")
+    def _run(self, cmd: int) -> None:
+        """Carry out the exchange's commands (in the order its module docstring gives)."""
+        exchange = self.exchange
+        while cmd:
+            if cmd & RELEASE:
+                self._drop_node(reuse=exchange.reuse_node)
+            if cmd & SEND_CLIENT and not self._flush():
+                if self.state == _DONE:  # the client is gone
+                    return
+                # Backpressure: the node is not read until the client has taken the rest.
+                self.after = cmd & ~(RELEASE | SEND_CLIENT)
+                if self.nc is not None:
+                    self._set_node(0)
+                if cmd & DONE:
+                    self.state = _FLUSH
                 return
-            nc = handler.pool.take(node, upstream, reactor=self.reactor, check=not self.retryable)
+            if cmd & RETRY:
+                log.info("retry_fresh", node=exchange.record.node, reason=exchange.retry_reason)
+            if cmd & CONNECT:
+                self._acquire()
+                return
+            if cmd & SEND_NODE:
+                cmd = self._send_node(cmd)
+                continue
+            if cmd & READ_NODE:
+                self.state = _RELAY if exchange.responded else _EXCHANGE
+                if self.node_out is None:
+                    self._set_node(_IN)
+                return
+            if cmd & PUMP:
+                cmd = exchange.pump(trio.current_time())
+                continue
+            if cmd & DONE:
+                self._response_done()
+            return
+
+    def _acquire(self) -> None:
+        """A node connection: a pooled one for the picked node, else a new one."""
+        conn = self.conn
+        exchange = self.exchange
+        upstream = exchange.upstream
+        assert upstream is not None
+        conn.watch_upstream(upstream)
+        first: NodeState | None = None
+        if not exchange.fresh:
+            node = upstream.pick([], conn.client_key)
+            if node is None:
+                self._run(
+                    exchange.connect_failed(
+                        503, f"upstream {upstream.name}: no node available", trio.current_time()
+                    )
+                )
+                return
+            nc = conn.pool.take(node, upstream, reactor=self.reactor, check=not exchange.retryable)
             if nc is not None:
-                self._send_request(nc)
+                self._node_ready(nc)
                 return
             first = node
         self.state = _CONNECT
         connector = NodeConnector(
             self.reactor,
             upstream,
-            handler.client_key,
+            conn.client_key,
             self._connected,
             self._connect_failed,
             first=first,
@@ -431,14 +401,14 @@ class FastConnection:
 
     def _connected(self, sock: socket.socket, lease: NodeLease, mask: int) -> None:
         self.connector = None
-        nc = self.handler.pool.adopt(lease, sock)
+        nc = self.conn.pool.adopt(lease, sock)
         if self.state != _CONNECT:  # torn down meanwhile
             self.reactor.forget(sock.fileno(), mask)
-            self.handler.pool.release(nc, reuse=False)
+            self.conn.pool.release(nc, reuse=False)
             return
         self.reactor.handlers[sock.fileno()] = self
         self.node_mask = mask
-        self._send_request(nc)
+        self._node_ready(nc)
 
     def _connect_failed(self, exc: Exception) -> None:
         self.connector = None
@@ -446,16 +416,11 @@ class FastConnection:
             return
         if isinstance(exc, ReactorStopped):
             self._end(CLOSE)
-        elif isinstance(exc, GatewayError):
-            self._refuse(exc.status_hint, str(exc))
-        else:
-            self._refuse(502, str(exc))
+            return
+        status = exc.status_hint if isinstance(exc, GatewayError) else 502
+        self._run(self.exchange.connect_failed(status, str(exc), trio.current_time()))
 
-    def _send_request(self, nc: NodeConnection) -> None:
-        handler = self.handler
-        request = self.request
-        upstream = self.upstream
-        assert request is not None and upstream is not None
+    def _node_ready(self, nc: NodeConnection) -> None:
         self.nc = nc
         fd = nc.raw.fileno()
         self.node_fd = fd
@@ -464,31 +429,23 @@ class FastConnection:
         if nc.watcher is reactor:  # pooled by this reactor: still in its epoll set
             nc.watcher = None
             self.node_mask = _IN
-        handler.record.node = nc.node.key
-        headers = self.node_headers
-        if not headers[0][1]:  # an HTTP/1.0 client sent no Host: the node's address
-            headers[0] = (b"host", nc.node.key.encode("ascii"))
-        data = request_head(request.method, self.node_target, headers)
-        if self.body:
-            data += self.body
-        self.reused = nc.requests > 0
-        nc.requests += 1
-        self.got_bytes = False
         self.state = _EXCHANGE
-        handler.phase = RESPONSE
-        handler.deadline = trio.current_time() + upstream.config.response_timeout
+        self._run(self.exchange.node_ready(nc, trio.current_time()))
+
+    def _send_node(self, cmd: int) -> int:
+        """Write the request to the node; returns the commands left (or the exchange's
+        answer to a failed write)."""
+        data = self.exchange.node_data
         try:
-            sent = os.write(fd, data)
+            sent = os.write(self.node_fd, data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._exchange_failed(f"sending failed ({_why(exc)})", retry=self.reused)
-            return
+            return self.exchange.node_send_failed(_why(exc), trio.current_time())
         if sent < len(data):
             self.node_out = memoryview(data)[sent:]
             self._set_node(_OUT)
-        else:
-            self._set_node(_IN)
+        return cmd & ~SEND_NODE
 
     def _write_node(self) -> None:
         view = self.node_out
@@ -498,7 +455,8 @@ class FastConnection:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._exchange_failed(f"sending failed ({_why(exc)})", retry=self.reused)
+            self.node_out = None
+            self._run(self.exchange.node_send_failed(_why(exc), trio.current_time()))
             return
         if sent < len(view):
             self.node_out = view[sent:]
@@ -511,142 +469,38 @@ class FastConnection:
     def _read_node(self) -> None:
         nc = self.nc
         assert nc is not None
+        exchange = self.exchange
         try:
             data = os.read(self.node_fd, _RECEIVE_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
-            if self.state == _EXCHANGE:
-                self._exchange_failed(_why(exc), retry=self.reused and not self.got_bytes)
-            else:
-                self._cut_short()
+            self._run(exchange.node_read_failed(_why(exc), trio.current_time()))
             return
         if data:
-            self.got_bytes = True
             nc.reader.feed(data)
+            self._run(exchange.node_bytes(trio.current_time()))
         else:
             nc.reader.feed_eof()
-        if self.state == _EXCHANGE:
-            self._read_head()
-        else:
-            self.handler.deadline = trio.current_time() + nc.upstream.config.idle_timeout
-            self._relay_body()
-
-    def _read_head(self) -> None:
-        nc = self.nc
-        request = self.request
-        assert nc is not None and request is not None
-        reader = nc.reader
-        out = self.out
-        response: ResponseHead | None = None
-        try:
-            while True:
-                head = reader.read_head(head_request=self.is_head)
-                if head is None:  # more to come (interim heads so far go out now)
-                    if out and not self._flush():
-                        self._set_node(0)  # backpressure: the client catches up first
-                    return
-                if head.status >= 200:
-                    response = head
-                    break
-                if head.status == 101:
-                    self._exchange_failed(
-                        "node switched protocols unasked", retry=False, name_node=False
-                    )
-                    return
-                if request.http11:
-                    out.append(
-                        response_head(head.status, head.reason, response_headers(head.headers))
-                    )
-        except NodeProtocolError as exc:
-            self._exchange_failed(str(exc), retry=self.reused and not self.got_bytes)
-            return
-        handler = self.handler
-        record = handler.record
-        record.status = response.status
-        close = self.close_after or handler.listener.draining
-        head_bytes, self.chunk_out, close = client_response_head(
-            response,
-            body_done=reader.done,
-            is_head=self.is_head,
-            http11=request.http11,
-            close=close,
-        )
-        self.close_after = close
-        self.keep_node = response.keep_alive
-        out.append(head_bytes)
-        handler.responded = True
-        self.state = _RELAY
-        handler.phase = BODY
-        handler.deadline = trio.current_time() + nc.upstream.config.idle_timeout
-        self._relay_body()
-
-    def _relay_body(self) -> None:
-        nc = self.nc
-        assert nc is not None
-        out = self.out
-        try:
-            while (step := frame_body(nc.reader, out, self.chunk_out, _FLUSH_AT)) != DONE:
-                if out and not self._flush():
-                    self._set_node(0)  # backpressure: the client catches up first
-                    return
-                if step == MORE:
-                    self._set_node(_IN)
-                    return
-        except NodeProtocolError:
-            self._cut_short()
-            return
-        self._drop_node(reuse=self.keep_node)
-        self.state = _FLUSH
-        if self._flush():
-            self._response_done()
+            self._run(exchange.node_eof(trio.current_time()))
 
     def _response_done(self) -> None:
-        """The response went out in full: log it, then the next request or the end."""
-        handler = self.handler
-        handler.log_request(handler.record)
-        self.request = None
-        if self.close_after or handler.listener.draining or self.eof:
+        """The exchange is over: log it, then the next request or the end."""
+        conn = self.conn
+        exchange = self.exchange
+        conn.log_unlogged(exchange.record)
+        if not exchange.keep or conn.listener.draining or self.eof:
             self._end(CLOSE)
             return
         self.state = _WAIT
-        config = handler.listener.config
-        if self.buffer:  # the next head has begun (pipelined)
-            handler.phase = HEAD
-            handler.deadline = trio.current_time() + config.header_timeout
-        else:
-            handler.phase = IDLE
-            handler.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
+        exchange.next_request(trio.current_time(), pipelined=bool(self.buffer))
         self._set_client(_IN)
         if self.buffer and self.state == _WAIT:
             self._next_requests()
 
-    def _cut_short(self) -> None:
-        """The node failed after the response head went out: the client sees the connection
-        close before the announced length or the last chunk."""
-        self._drop_node(reuse=False)
-        self.handler.log_request(self.handler.record)
-        self._end(CLOSE)
-
-    def _exchange_failed(self, message: str, *, retry: bool, name_node: bool = True) -> None:
-        """No response head was relayed: retry an idempotent request once on a fresh
-        connection if a reused one turned out dead, else answer 502."""
-        nc = self.nc
-        assert nc is not None and self.upstream is not None
-        key = nc.node.key
-        if name_node:
-            message = f"node {key}: {message}"
-        self._drop_node(reuse=False)
-        self.out.clear()
-        if retry and self.retryable and not self.fresh:
-            self.fresh = True
-            log.info("retry_fresh", node=key, reason=message)
-            self._acquire(self.upstream)
-            return
-        self._refuse(502, message)
-
     def _drop_node(self, *, reuse: bool) -> None:
         """Take the node connection out of the reactor and give it back to the pool."""
+        self.exchange.released()
         nc = self.nc
         if nc is None:
             return
@@ -655,37 +509,22 @@ class FastConnection:
         self.node_fd = -1
         self.node_mask = 0
         self.node_out = None
-        self.handler.pool.release(nc, reuse=reuse, watch=self.reactor, mask=mask)
+        self.conn.pool.release(nc, reuse=reuse, watch=self.reactor, mask=mask)
 
-    # -- answers made here ----------------------------------------------------------------
-
-    def _refuse(self, status: int, message: str, *, close: bool = False) -> None:
-        """Answer the current request with a gateway error (its body was read in full)."""
-        handler = self.handler
-        handler.record.status = status
-        keep = not close and not self.close_after and not handler.listener.draining
-        self.close_after = not keep
-        handler.responded = True
-        self.out.append(error_response(status, message, keep=keep))
-        self.state = _FLUSH
-        handler.phase = SEND
-        config = handler.listener.config
-        handler.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
-        if self._flush():
-            self._response_done()
+    # -- writing to the client ------------------------------------------------------------
 
     def _flush(self) -> bool:
         """Write what ``out`` holds; True if the client took all of it (else the rest is
         ``pending`` and the client socket waits for EPOLLOUT). While bytes are pending,
         ``out`` waits behind them."""
-        out = self.out
+        out = self.exchange.out
         if self.pending is not None:
             return False
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         tls = self.tls
         if tls is not None:
-            self.handler.bytes_out += len(data)
+            self.conn.bytes_out += len(data)
             try:
                 data = tls.encrypt(data)
             except ssl.SSLError:
@@ -699,7 +538,7 @@ class FastConnection:
             self._client_gone()
             return False
         if tls is None:
-            self.handler.bytes_out += sent
+            self.conn.bytes_out += sent
         if sent == len(data):
             return True
         self.pending = memoryview(data)[sent:]
@@ -717,7 +556,7 @@ class FastConnection:
             self._client_gone()
             return
         if self.tls is None:
-            self.handler.bytes_out += sent
+            self.conn.bytes_out += sent
         if sent < len(view):
             self.pending = view[sent:]
             return
@@ -727,40 +566,24 @@ class FastConnection:
             self._set_client(_IN)
             if self.buffer:
                 self._next_requests()
-        elif self.state == _EXCHANGE:
-            self._set_node(_IN)
-            self._read_head()
-        elif self.state == _RELAY:
-            self._relay_body()
-        elif self.state == _FLUSH and (not self.out or self._flush()):
-            self._response_done()
+            return
+        after = self.after
+        self.after = 0
+        self._run(after)
 
     def _client_gone(self) -> None:
         self.pending = None
-        self._drop_node(reuse=False)
-        record = self.handler.record
-        if not record.logged and record.method is not None:
-            self.handler.log_request(record)
-        self._end(CLOSE)
+        self.after = 0
+        self._run(self.exchange.client_gone())
 
     # -- timeouts -------------------------------------------------------------------------
 
-    def expire(self, phase: int) -> None:
-        """The deadline of ``phase`` passed (called by the sweeper through the handler)."""
+    def expire(self) -> None:
+        """The deadline of the exchange's phase passed (called by the sweeper through the
+        connection): 504 to a request whose node is late, else the connection closes."""
         if self.state == _DONE:
             return
-        handler = self.handler
-        if phase == RESPONSE and not handler.responded and self.state == _EXCHANGE:
-            nc = self.nc
-            node = nc.node.key if nc is not None else handler.record.node
-            self._drop_node(reuse=False)
-            self.out.clear()
-            self._refuse(504, f"node {node} did not answer in time", close=True)
-            return
-        record = handler.record
-        if phase != IDLE and not record.logged and record.method is not None:
-            handler.log_request(record)
-        self._end(CLOSE)
+        self._run(self.exchange.expired(trio.current_time()))
 
 
 def _why(exc: OSError) -> str:

@@ -116,6 +116,11 @@ class NodeConnection:
         self.watcher: Reactor | None = None
         self.watch_pool: NodePool | None = None
 
+    @property
+    def key(self) -> str:
+        """The node's ``address:port`` (as on access lines)."""
+        return self.node.key
+
     def close(self) -> None:
         self.unwatch()
         if self.raw.fileno() >= 0:

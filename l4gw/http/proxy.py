@@ -1,9 +1,10 @@
 """The L7 data path: HTTP/1.1 from clients (parsed by h11) to nodes (l4gw.http.wire).
 
 :func:`serve_http_connection` serves one accepted client connection (plain or TLS) until it
-closes. Per request: read the head within ``header_timeout``, rate limit, route, take a node
-connection from the pool (or open one, with retries over distinct nodes), forward the request
-with rewritten headers and path, stream the body both ways, log and count.
+closes. It is one of the two drivers of the connection's
+:class:`~l4gw.http.exchange.Exchange`, which decides everything about a request (routing,
+admission, what goes to the node and to the client, retries, timeouts); this task reads
+heads with h11, carries out the exchange's commands with awaits, and logs and counts.
 
 Given the daemon's reactor, a client connection over plain TCP, or over TLS terminated by a
 :class:`l4gw.http.tlsstream.TLSStream`, is served by :mod:`l4gw.http.fastpath` between the
@@ -38,7 +39,6 @@ Gateway errors have a JSON body ``{"error": "...", "status": N}``.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import h11
@@ -46,40 +46,33 @@ import h11._readers
 import structlog
 import trio
 
-from .. import logs
 from ..errors import GatewayError
 from ..proxyproto import encode_v1, encode_v2
 from ..reactor import Reactor
 from ..runtime import ListenerRuntime
 from ..upstream import UpstreamRuntime
-from .admission import Refusal, refusal, route_request
-from .fastpath import HANDOFF, FastConnection
-from .headers import connection_tokens, is_upgrade_request, request_headers, response_headers
-from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
-from .pool import NodeConnection, NodePool, node_pool
-from .responses import (
-    DEFAULT_KEEPALIVE,
-    IDEMPOTENT,
-    MAX_HEAD,
-    NO_ROUTE,
-    Record,
-    client_response_head,
-    error_response,
-)
-from .routes import RouteTable, route_table
-from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
-from .tlsstream import TLSStream
-from .wire import (
+from .admission import Refusal
+from .conn import HttpConn
+from .exchange import (
+    CONNECT,
     DONE,
-    FULL,
-    LAST_CHUNK,
-    NodeProtocolError,
-    ResponseHead,
-    chunk,
-    frame_body,
-    request_head,
-    response_head,
+    PUMP,
+    READ_NODE,
+    RELEASE,
+    RETRY,
+    SEND_CLIENT,
+    SEND_NODE,
+    SWITCH,
+    UPLOAD,
 )
+from .fastpath import HANDOFF, FastConnection
+from .headers import connection_tokens, is_upgrade_request, response_headers
+from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
+from .pool import NodeConnection
+from .responses import DEFAULT_KEEPALIVE, MAX_HEAD, NO_ROUTE
+from .timeouts import timeouts
+from .tlsstream import TLSStream
+from .wire import LAST_CHUNK, chunk, response_head
 
 __all__ = ["MAX_HEAD", "NO_ROUTE", "serve_http_connection"]
 
@@ -94,8 +87,6 @@ LINGER_BYTES = 256 * 1024
 CLOSE_TIMEOUT = 1.0
 #: Body chunks relayed back to back before yielding to other tasks.
 _BURST = 16
-#: Response bytes gathered before they are written to the client.
-_FLUSH_AT = 256 * 1024
 
 # -- strict parsing: obsolete line folding is refused ---------------------------------------
 #
@@ -116,17 +107,7 @@ if hasattr(h11._readers, "_obsolete_line_fold"):
     h11._readers._obsolete_line_fold = _refuse_obs_fold
 
 
-# -- errors and records ---------------------------------------------------------------------
-
-
-class _ExchangeFailed(Exception):
-    """The exchange with the node failed before a response head was relayed."""
-
-    def __init__(self, status: int, message: str, *, retry: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        #: The request may be sent again on a new connection (a reused one was dead).
-        self.retry = retry
+# -- errors and shared state ---------------------------------------------------------------------
 
 
 class _ClientGone(Exception):
@@ -136,15 +117,14 @@ class _ClientGone(Exception):
 class _Upload:
     """State shared between the response task and a body upload task."""
 
-    __slots__ = ("client_error", "done", "head_received", "response_timeout", "scope", "wake")
+    __slots__ = ("client_error", "head_received", "scope", "wake")
 
-    def __init__(self, response_timeout: float) -> None:
+    def __init__(self) -> None:
         self.scope = trio.CancelScope()
-        self.done = False
         self.head_received = False
-        self.response_timeout = response_timeout
         self.client_error: BaseException | None = None
-        #: Cancelled by the upload task on a client error, to stop the wait for the response.
+        #: The response side's current wait for the node: cancelled by the upload task on a
+        #: client error (before the response head came).
         self.wake = trio.CancelScope()
 
 
@@ -196,41 +176,23 @@ async def serve_http_connection(
         sweeper.handlers.discard(handler)
         handler.finish()
         await handler.close()
-    return "denied" if handler.denied else "proxied"
+    return "denied" if handler.exchange.denied else "proxied"
 
 
-class _Handler:
+class _Handler(HttpConn):
+    """The connection's task: h11 for what clients send, and the driver of the exchange for
+    everything the reactor does not serve."""
+
     __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "client",
-        "client_ip",
-        "client_key",
-        "client_text",
-        "config",
-        "counted_in",
-        "counted_out",
-        "deadline",
-        "denied",
         "expired",
         "fast",
         "h",
         "io",
         "linger",
-        "listener",
-        "phase",
-        "pool",
         "private",
         "reactor",
-        "record",
-        "request_close",
-        "request_head",
-        "request_http11",
-        "responded",
         "scope",
         "stream",
-        "table",
-        "tls",
     )
 
     def __init__(
@@ -240,37 +202,15 @@ class _Handler:
         client: tuple[str, int],
         tls: bool,
     ) -> None:
-        self.listener = listener
+        super().__init__(listener, client, tls)
         self.stream = stream
         self.io = io_for_stream(stream)
-        self.client = client
-        self.client_ip = client[0]
-        self.client_key = client[0].encode()
-        self.client_text = f"{client[0]}:{client[1]}"  # as on the tcp access lines
-        self.tls = tls
-        #: Set when a request was refused because of the source address (403).
-        self.denied = False
         self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.counted_in = 0
-        self.counted_out = 0
         self.linger = False
-        self.config: object = None
-        self.table: RouteTable | None = None
-        self.pool: NodePool = node_pool()
         #: A connection to an upstream with proxy_protocol on, kept for this client only.
         self.private: NodeConnection | None = None
-        # Per request:
-        self.request_close = False  # the client asked to close (or speaks HTTP/1.0)
-        self.request_head = False  # a HEAD request
-        self.request_http11 = True
-        self.responded = False  # a response head went out
-        self.record = Record(0.0)
         # Timeouts (see l4gw.http.timeouts):
         self.scope = trio.CancelScope()
-        self.phase = HEAD
-        self.deadline = trio.current_time() + listener.config.header_timeout
         self.expired: int | None = None
         #: Where plain-TCP keep-alive is served between requests (None: always here).
         self.reactor: Reactor | None = None
@@ -281,29 +221,43 @@ class _Handler:
         """Called by the sweeper: the deadline of the current phase has passed."""
         fast = self.fast
         if fast is not None:
-            fast.expire(self.phase)
+            fast.expire()
             return
         if self.expired is None:
-            self.expired = self.phase
+            self.expired = self.exchange.phase
             self.scope.cancel()
+
+    def request_body_done(self) -> bool:
+        """Whether the request body was read in full; what is buffered of it is discarded
+        first (an answer made here leaves it unread)."""
+        if self.fast is not None:
+            return True
+        h = self.h
+        if h.their_state is h11.SEND_BODY:
+            # Discard what is already here of the request body (often all of it: an empty
+            # body), so the connection can stay open.
+            with contextlib.suppress(h11.RemoteProtocolError):
+                while type(h.next_event()) is h11.Data:
+                    pass
+        return h.their_state is h11.DONE
 
     async def timed_out(self, phase: int) -> None:
         """Answer for a timeout (outside the cancelled scope), before the connection closes."""
-        record = self.record
+        h = self.h
+        exchange = self.exchange
+        head_started = h.their_state is not h11.IDLE or bool(h.trailing_data[0])
+        cmd = exchange.expired(trio.current_time(), phase=phase, head_started=head_started)
+        exchange.released()  # the cancelled exchange released its node connection
         with trio.move_on_after(CLOSE_TIMEOUT):
-            if phase == HEAD:
-                if self.h.their_state is not h11.IDLE or self.h.trailing_data[0]:
-                    await self._refuse(record, 408, "request head not received in time", close=True)
-            elif phase == RESPONSE and not self.responded:
-                await self._refuse(
-                    record, 504, f"node {record.node} did not answer in time", close=True
-                )
-        if not record.logged and record.method is not None:
-            self.log_request(record)
+            if cmd & SEND_CLIENT:
+                with contextlib.suppress(_ClientGone):
+                    await self._send(self._take_out())
+        self._done()
 
     # -- connection loop ---------------------------------------------------------------
 
     async def run(self) -> None:
+        exchange = self.exchange
         in_head = True  # a head has started (a new connection counts as one)
         fed = False  # self.h holds bytes of the next request (or the client's EOF)
         while True:
@@ -317,20 +271,16 @@ class _Handler:
                     self.h.receive_data(b"")
                 in_head = True
             fed = False
-            record = self.record = Record(trio.current_time())
-            self.responded = False
-            self.request_close = False
             try:
-                request = await self._read_head(in_head, record)
+                request = await self._read_head(in_head)
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                await self._refuse(record, status, _protocol_message(status, exc), close=True)
+                exchange.refuse_head(status, _protocol_message(status, exc), trio.current_time())
+                await self._answer()
                 return
             if request is None:
                 return
-            self.phase = BUSY
-            self.deadline = math.inf
-            if not await self._handle(request, record) or self.listener.draining:
+            if not await self._handle(request) or self.listener.draining:
                 return
             h = self.h
             if h.their_state is not h11.DONE:
@@ -340,8 +290,7 @@ class _Handler:
             in_head = bool(leftover)
             if leftover:  # pipelined bytes: the next head has started
                 h.receive_data(leftover)
-                self.phase = HEAD
-                self.deadline = trio.current_time() + self.listener.config.header_timeout
+                exchange.head_started(trio.current_time())
                 fed = True
             if closed:
                 h.receive_data(b"")
@@ -354,9 +303,7 @@ class _Handler:
         io = self.io
         assert reactor is not None and isinstance(io, (FdIO, TLSStream))
         if not in_head:
-            config = self.listener.config
-            self.phase = IDLE
-            self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
+            self.exchange.idle(trio.current_time())
         fast = self.fast = FastConnection(
             self, reactor, io.fd, io if isinstance(io, TLSStream) else None
         )
@@ -368,22 +315,21 @@ class _Handler:
             return None
         return bytes(fast.buffer), fast.eof
 
-    async def _read_head(self, in_head: bool, record: Record) -> h11.Request | None:
+    async def _read_head(self, in_head: bool) -> h11.Request | None:
         event: object = self.h.next_event()
         if event is h11.NEED_DATA:
-            event = await self._receive_head(in_head, record)
+            event = await self._receive_head(in_head)
         if type(event) is h11.Request:
             return event
         return None  # ConnectionClosed (or EOF between requests)
 
-    async def _receive_head(self, in_head: bool, record: Record) -> object:
+    async def _receive_head(self, in_head: bool) -> object:
         h = self.h
         receive = self.io.receive
-        config = self.listener.config
+        exchange = self.exchange
         idle = not in_head
         if idle:
-            self.phase = IDLE
-            self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
+            exchange.idle(trio.current_time())
         # else: phase HEAD, deadline set when the connection was accepted or the head began
         while True:
             try:
@@ -394,9 +340,7 @@ class _Handler:
                 self.bytes_in += len(data)
                 if idle:
                     idle = False
-                    record.started = trio.current_time()
-                    self.phase = HEAD
-                    self.deadline = record.started + config.header_timeout
+                    exchange.head_started(trio.current_time())
             h.receive_data(data)
             event = h.next_event()
             if event is not h11.NEED_DATA:
@@ -404,27 +348,13 @@ class _Handler:
 
     # -- one request -------------------------------------------------------------------
 
-    def route_table(self) -> RouteTable:
-        """The compiled routes of the listener's current configuration (after a reload, the
-        next request uses the new ones)."""
-        config = self.listener.config
-        if config is not self.config or self.table is None:
-            self.table = route_table(config)
-            self.config = config
-        return self.table
-
-    async def _handle(self, request: h11.Request, record: Record) -> bool:
+    async def _handle(self, request: h11.Request) -> bool:
         """Serve one request; True if the connection may carry another one."""
-        listener = self.listener
         h = self.h
-        table = self.route_table()
+        exchange = self.exchange
         method = request.method
-        method_text = method.decode("ascii")
-        target = request.target.decode("ascii")
-        record.method = method_text
-        record.path = target
-        self.request_head = method == b"HEAD"
-        http11 = self.request_http11 = request.http_version == b"1.1"
+        target = request.target
+        http11 = request.http_version == b"1.1"
         close = not http11
         host: bytes | None = None
         content_length: bytes | None = None
@@ -444,28 +374,30 @@ class _Handler:
                     close = True
             elif name == b"upgrade":
                 wants_upgrade = True
-        self.request_close = close
         if size > MAX_HEAD:  # h11 only limits heads that arrive in several reads
-            return await self._refuse(record, 431, _protocol_message(431, None), close=True)
-        host_text = host.decode("latin-1") if host is not None else None
-        record.host = host_text
-
-        match, bad_path, upstream = route_request(
-            listener, table, record, method_text, host_text, target
-        )
+            exchange.refuse_head(
+                431, _protocol_message(431, None), trio.current_time(), method=method, target=target
+            )
+            return await self._answer()
         protocol: Refusal | None = None
         if content_length is not None and chunked:
             protocol = (400, "both Content-Length and Transfer-Encoding", True)
         elif method == b"CONNECT":
             protocol = (405, "CONNECT is not supported", True)
-        refused = refusal(
-            listener, self.client_ip, trio.current_time(), match, bad_path, upstream, protocol
+        cmd = exchange.begin(
+            trio.current_time(),
+            method,
+            target,
+            host,
+            request.headers,
+            http11=http11,
+            close=close,
+            chunked=chunked,
+            upgrade=wants_upgrade and is_upgrade_request(request.headers),
+            protocol=protocol,
         )
-        if refused is not None:
-            status, message, close = refused
-            self.denied = self.denied or status == 403
-            return await self._refuse(record, status, message, close=close)
-        assert match is not None and upstream is not None
+        if cmd & DONE:  # refused
+            return await self._answer(cmd)
 
         # Body events already buffered are parsed before any node is contacted, so a
         # malformed body (bad chunk size...) is refused with nothing sent anywhere.
@@ -487,54 +419,163 @@ class _Handler:
                     break
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
-            return await self._refuse(record, status, _protocol_message(status, exc), close=True)
+            cmd = exchange.refuse(
+                status, _protocol_message(status, exc), trio.current_time(), close=True
+            )
+            return await self._answer(cmd)
+        exchange.set_body(body, body_complete)
+        return await self._play(cmd, chunked)
 
-        upgrade = wants_upgrade and is_upgrade_request(request.headers)
-        host_header = match.route.host_header or upstream.config.host_header or None
-        node_headers, _ = request_headers(
-            request.headers,
-            client_ip=self.client_ip,
-            tls=self.tls,
-            host=host_header.encode("latin-1") if host_header else None,
-            chunked=chunked,
-            upgrade=upgrade,
-        )
-        node_target = match.target.encode("ascii")
-        retryable = body_complete and method in IDEMPOTENT
-        fresh = False
+    async def _play(self, cmd: int, chunked: bool) -> bool:
+        """Carry out the exchange's commands until it is over; True if the connection may
+        carry another request. Raises ``_ClientGone`` when the client went away before a
+        response could be relayed (nothing is logged then)."""
+        exchange = self.exchange
+        held: list[NodeConnection] = []  # the node connection in use (at most one)
+        try:
+            cmd = await self._steps(cmd, held, None)
+            if cmd & UPLOAD:
+                # The body is still arriving: a second task copies it to the node, so that
+                # the node may answer early and a slow upload never blocks the response.
+                upload = _Upload()
+                error: _ClientGone | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._upload, held[0], upload, chunked)
+                    try:
+                        cmd = await self._steps(cmd & ~UPLOAD, held, upload)
+                    except _ClientGone as exc:
+                        error = exc  # raised outside the nursery, not in an ExceptionGroup
+                    finally:
+                        upload.scope.cancel()
+                if error is not None:
+                    raise error
+            if cmd & SWITCH:
+                nc = held.pop()
+                return await self._switch(nc)
+        finally:
+            if held:
+                self._release(held.pop(), reuse=False)  # an error or a cancellation left it
+                exchange.released()
+        return self._done()
+
+    async def _steps(self, cmd: int, held: list[NodeConnection], upload: _Upload | None) -> int:
+        """Carry out commands until ``DONE``, ``SWITCH`` or ``UPLOAD``, which it returns
+        (``held`` holds the node connection in use)."""
+        exchange = self.exchange
+        burst = 0
         while True:
-            try:
-                nc = await self._acquire(upstream, fresh=fresh)
-            except GatewayError as exc:
-                return await self._refuse(record, exc.status_hint, str(exc))
-            record.node = nc.node.key
-            if not node_headers[0][1]:  # an HTTP/1.0 client sent no Host: the node's address
-                node_headers[0] = (b"host", nc.node.key.encode("ascii"))
-            head = request_head(method, node_target, node_headers)
-            try:
-                return await self._exchange(
-                    nc,
-                    upstream=upstream,
-                    head=head,
-                    body=body,
-                    body_complete=body_complete,
-                    chunked=chunked,
-                    upgrade=upgrade,
-                    record=record,
-                )
-            except _ExchangeFailed as exc:
-                self._release(nc, reuse=False)
-                if exc.retry and retryable and not fresh:
-                    fresh = True
-                    log.info("retry_fresh", node=record.node, reason=str(exc))
+            if cmd & RELEASE:
+                if held:
+                    self._release(held.pop(), reuse=exchange.reuse_node)
+                exchange.released()
+            if cmd & SEND_CLIENT:
+                try:
+                    await self._send(self._take_out())
+                except _ClientGone:
+                    if not exchange.responded:
+                        raise
+                    cmd = exchange.client_gone()
                     continue
-                if not self.responded:
-                    return await self._refuse(record, exc.status, str(exc))
-                record.status = record.status or exc.status
-                self.log_request(record)
-                return False
-            finally:
-                self._release(nc, reuse=False)  # no-op unless an error left it held
+            if cmd & RETRY:
+                log.info("retry_fresh", node=exchange.record.node, reason=exchange.retry_reason)
+            if cmd & CONNECT:
+                upstream = exchange.upstream
+                assert upstream is not None
+                self.watch_upstream(upstream)
+                try:
+                    nc = await self._acquire(upstream, fresh=exchange.fresh)
+                except GatewayError as exc:
+                    cmd = exchange.connect_failed(exc.status_hint, str(exc), trio.current_time())
+                    continue
+                held.append(nc)
+                cmd = exchange.node_ready(nc, trio.current_time())
+                continue
+            first_read = False
+            if cmd & SEND_NODE:
+                try:
+                    await held[0].io.send_all(exchange.node_data)
+                except IO_ERRORS as exc:
+                    cmd = exchange.node_send_failed(_why(exc), trio.current_time())
+                    continue
+                exchange.node_data = b""
+                first_read = True  # the response cannot be there yet
+                cmd &= ~SEND_NODE
+            if cmd & (UPLOAD | SWITCH | DONE):
+                return cmd
+            if cmd & READ_NODE:
+                cmd = await self._read_node(held[0], upload, first_read)
+            elif cmd & PUMP:
+                cmd = exchange.pump(trio.current_time())
+            else:
+                return cmd
+            burst += 1
+            if burst >= _BURST:
+                burst = 0
+                await trio.lowlevel.checkpoint()
+
+    async def _read_node(self, nc: NodeConnection, upload: _Upload | None, first: bool) -> int:
+        """Read from the node and tell the exchange; while a body upload runs and no
+        response head came yet, a client failure ends the wait (``_ClientGone``, or the
+        answer to a malformed body)."""
+        exchange = self.exchange
+        data = b""
+        if upload is not None and not exchange.responded:
+            if upload.client_error is None:
+                wake = upload.wake = trio.CancelScope()
+                with wake:
+                    try:
+                        data = await nc.io.receive(wait_first=first)
+                    except IO_ERRORS as exc:
+                        return exchange.node_read_failed(_why(exc), trio.current_time())
+            error = upload.client_error
+            if error is not None:
+                exchange.reuse_node = False
+                if isinstance(error, h11.RemoteProtocolError):
+                    status = error.error_status_hint
+                    return RELEASE | exchange.refuse(
+                        status, _protocol_message(status, error), trio.current_time(), close=True
+                    )
+                raise _ClientGone(str(error))
+        else:
+            try:
+                data = await nc.io.receive(wait_first=first)
+            except IO_ERRORS as exc:
+                return exchange.node_read_failed(_why(exc), trio.current_time())
+        if data:
+            nc.reader.feed(data)
+            cmd = exchange.node_bytes(trio.current_time())
+        else:
+            nc.reader.feed_eof()
+            cmd = exchange.node_eof(trio.current_time())
+        if upload is not None and exchange.responded:
+            upload.head_received = True
+        return cmd
+
+    async def _answer(self, cmd: int = SEND_CLIENT | DONE) -> bool:
+        """Write an answer made here and end the exchange; True if the connection may carry
+        another request."""
+        if cmd & SEND_CLIENT:
+            try:
+                await self._send(self._take_out())
+            except _ClientGone:
+                self.exchange.keep = False
+        return self._done()
+
+    def _done(self) -> bool:
+        """The exchange is over: log it; linger if the connection closes with request bytes
+        unread. Returns whether the connection may carry another request."""
+        exchange = self.exchange
+        self.log_unlogged(exchange.record)
+        keep = exchange.keep
+        if not keep and self.h.their_state is not h11.DONE and exchange.responded:
+            self.linger = True
+        return keep
+
+    def _take_out(self) -> bytes:
+        out = self.exchange.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
 
     async def _acquire(self, upstream: UpstreamRuntime, *, fresh: bool) -> NodeConnection:
         version = upstream.config.proxy_protocol
@@ -566,70 +607,13 @@ class _Handler:
         else:
             nc.close()
 
-    async def _exchange(
-        self,
-        nc: NodeConnection,
-        *,
-        upstream: UpstreamRuntime,
-        head: bytes,
-        body: list[bytes],
-        body_complete: bool,
-        chunked: bool,
-        upgrade: bool,
-        record: Record,
-    ) -> bool:
-        """Forward one request on ``nc`` and relay the response; True to keep the client
-        connection. Raises ``_ExchangeFailed`` when no response head was relayed (the caller
-        answers the client and releases ``nc``)."""
-        reused = nc.requests > 0
-        nc.requests += 1
-        config = upstream.config
-        sweeper = timeouts()
-        sweeper.need(config.response_timeout)
-        sweeper.need(config.idle_timeout)
-        self.phase = RESPONSE
-        self.deadline = trio.current_time() + config.response_timeout
-        try:
-            await nc.io.send_all(b"".join((head, *body)) if body else head)
-        except IO_ERRORS as exc:
-            raise _ExchangeFailed(
-                502, f"node {nc.node.key}: sending failed ({_why(exc)})", retry=reused
-            ) from None
-        if body_complete:
-            return await self._respond(
-                nc, upstream=upstream, record=record, upload=None, reused=reused, upgrade=upgrade
-            )
-        self.phase = UPLOAD
-        self.deadline = trio.current_time() + config.idle_timeout
-        upload = _Upload(config.response_timeout)
-        result = False
-        error: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._upload, nc, upload, chunked)
-            try:
-                result = await self._respond(
-                    nc,
-                    upstream=upstream,
-                    record=record,
-                    upload=upload,
-                    reused=False,
-                    upgrade=upgrade,
-                )
-            except (_ExchangeFailed, _ClientGone) as exc:
-                error = exc  # raised outside the nursery, not wrapped in an ExceptionGroup
-            finally:
-                upload.scope.cancel()
-        if error is not None:
-            raise error
-        return result
-
     async def _upload(self, nc: NodeConnection, upload: _Upload, chunked: bool) -> None:
-        """Copy the rest of the request body from the client to the node, then start the
-        response timeout."""
+        """Copy the rest of the request body from the client to the node, telling the
+        exchange (its upload deadline, then the response timeout)."""
         h = self.h
+        exchange = self.exchange
         receive = self.io.receive
         send = nc.io.send_all
-        idle = nc.upstream.config.idle_timeout
         with upload.scope:
             while True:
                 try:
@@ -637,13 +621,13 @@ class _Handler:
                     if event is h11.NEED_DATA:
                         data = await receive()
                         self.bytes_in += len(data)
-                        if not upload.head_received:
-                            self.deadline = trio.current_time() + idle
+                        exchange.upload_progress(trio.current_time())
                         h.receive_data(data)
                         continue
                 except (h11.RemoteProtocolError, *IO_ERRORS) as exc:
                     upload.client_error = exc
-                    upload.wake.cancel()
+                    if not upload.head_received:
+                        upload.wake.cancel()
                     return
                 if type(event) is h11.Data:
                     data = chunk(event.data) if chunked else event.data
@@ -651,7 +635,8 @@ class _Handler:
                     data = LAST_CHUNK if chunked else b""
                 else:  # ConnectionClosed mid-body
                     upload.client_error = _ClientGone("client closed during the request body")
-                    upload.wake.cancel()
+                    if not upload.head_received:
+                        upload.wake.cancel()
                     return
                 try:
                     if data:
@@ -661,164 +646,21 @@ class _Handler:
                     # side finds out what happened.
                     return
                 if type(event) is h11.EndOfMessage:
-                    upload.done = True
-                    if not upload.head_received:
-                        self.phase = RESPONSE
-                        self.deadline = trio.current_time() + upload.response_timeout
+                    exchange.upload_done(trio.current_time())
                     return
 
-    async def _respond(
-        self,
-        nc: NodeConnection,
-        *,
-        upstream: UpstreamRuntime,
-        record: Record,
-        upload: _Upload | None,
-        reused: bool,
-        upgrade: bool,
-    ) -> bool:
-        """Read the response from ``nc`` and relay it to the client."""
-        reader = nc.reader
-        receive = nc.io.receive
-        is_head = self.request_head
-        out: list[bytes] = []
-        got_bytes = False
-        response: ResponseHead | None = None
-        switch: ResponseHead | None = None
-        wake = upload.wake if upload is not None else contextlib.nullcontext()
-        try:
-            with wake:  # cancelled by the upload task if the client fails
-                # The response cannot be there yet: wait for it before the first read.
-                data = await receive(wait_first=True)
-                if data:
-                    got_bytes = True
-                    reader.feed(data)
-                else:
-                    reader.feed_eof()
-                while True:
-                    head = reader.read_head(head_request=is_head)
-                    if head is None:
-                        if out:
-                            await self._send(b"".join(out))
-                            out.clear()
-                        data = await receive()
-                        if data:
-                            got_bytes = True
-                            reader.feed(data)
-                        else:
-                            reader.feed_eof()
-                        continue
-                    if head.status >= 200:
-                        response = head
-                        break
-                    if head.status == 101:
-                        if not upgrade:
-                            raise _ExchangeFailed(502, "node switched protocols unasked")
-                        switch = head
-                        break
-                    if self.request_http11:
-                        out.append(
-                            response_head(head.status, head.reason, response_headers(head.headers))
-                        )
-        except NodeProtocolError as exc:
-            raise _ExchangeFailed(
-                502, f"node {nc.node.key}: {exc}", retry=reused and not got_bytes
-            ) from None
-        except IO_ERRORS as exc:
-            raise _ExchangeFailed(
-                502, f"node {nc.node.key}: {_why(exc)}", retry=reused and not got_bytes
-            ) from None
-        if switch is not None:
-            return await self._switch(nc, switch, record)
-        if response is None:  # the upload failed on the client's side
-            self._release(nc, reuse=False)
-            assert upload is not None
-            error = upload.client_error
-            if isinstance(error, h11.RemoteProtocolError):
-                status = error.error_status_hint
-                await self._refuse(record, status, _protocol_message(status, error), close=True)
-                return False
-            raise _ClientGone(str(error))
-        if upload is not None:
-            upload.head_received = True
-
-        # The response head, with the framing this client understands.
-        record.status = response.status
-        close = (
-            self.request_close or self.listener.draining or (upload is not None and not upload.done)
-        )
-        head_bytes, chunk_out, close = client_response_head(
-            response,
-            body_done=reader.done,
-            is_head=is_head,
-            http11=self.request_http11,
-            close=close,
-        )
-        out.append(head_bytes)
-        self.responded = True
-
-        # The body: the deadline moves with every read from the node, so a node that stops
-        # sending, or a client that stops reading, ends the connection after idle_timeout.
-        idle = upstream.config.idle_timeout
-        self.phase = BODY
-        self.deadline = trio.current_time() + idle
-        complete = False
-        try:
-            burst = 0
-            while (step := frame_body(reader, out, chunk_out, _FLUSH_AT)) != DONE:
-                if out:
-                    await self._send(b"".join(out))
-                    out.clear()
-                if step == FULL:
-                    continue
-                data = await receive()
-                if data:
-                    reader.feed(data)
-                else:
-                    reader.feed_eof()
-                self.deadline = trio.current_time() + idle
-                burst += 1
-                if burst >= _BURST:
-                    burst = 0
-                    await trio.lowlevel.checkpoint()
-            complete = True
-            if out:
-                await self._send(b"".join(out))
-        except (NodeProtocolError, *IO_ERRORS):
-            complete = False
-        except _ClientGone:
-            self._release(nc, reuse=False)
-            self.log_request(record)
-            raise
-        self.phase = BUSY
-        self.deadline = math.inf
-        if not complete:
-            # Cut short: the client sees the connection close before the announced length
-            # or the last chunk.
-            self._release(nc, reuse=False)
-            self.log_request(record)
-            return False
-        uploaded = upload is None or upload.done
-        self._release(nc, reuse=uploaded and response.keep_alive)
-        self.log_request(record)
-        if not uploaded:
-            self.linger = True
-            return False
-        return not close
-
-    async def _switch(self, nc: NodeConnection, head: ResponseHead, record: Record) -> bool:
+    async def _switch(self, nc: NodeConnection) -> bool:
         """The node accepted a protocol upgrade: relay the 101, then bytes both ways until
         both sides are done (half-close passed on), an error, or ``idle_timeout`` without a
         byte either way."""
-        record.status = 101
-        self.responded = True
+        exchange = self.exchange
+        head = exchange.switch_head
+        assert head is not None
         out = response_head(101, head.reason, response_headers(head.headers, upgrade=True))
         node_early = bytes(nc.reader.buffer)
         nc.reader.buffer.clear()
         client_early, client_eof = self.h.trailing_data
         idle = nc.upstream.config.idle_timeout
-        self.phase = BODY
-        self.deadline = trio.current_time() + idle
         try:
             await self._send(out + node_early)
             if client_early:
@@ -833,7 +675,8 @@ class _Handler:
             pass
         finally:
             self._release(nc, reuse=False)
-            self.log_request(record)
+            exchange.released()
+            self.log_request(exchange.record)
         return False
 
     async def _pump(
@@ -841,6 +684,7 @@ class _Handler:
     ) -> None:
         """Copy ``src`` to ``dst`` until EOF (then half-close ``dst``); an error ends both
         directions (``scope``)."""
+        exchange = self.exchange
         try:
             while data := await src.receive():
                 await dst.send_all(data)
@@ -848,46 +692,10 @@ class _Handler:
                     self.bytes_out += len(data)
                 else:
                     self.bytes_in += len(data)
-                self.deadline = trio.current_time() + idle
+                exchange.deadline = trio.current_time() + idle
             await dst.send_eof()
         except IO_ERRORS:
             scope.cancel()
-
-    # -- responses made here -----------------------------------------------------------
-
-    async def _refuse(
-        self, record: Record, status: int, message: str, *, close: bool = False
-    ) -> bool:
-        """Answer with a gateway error; True if the connection may carry another request."""
-        h = self.h
-        record.status = status
-        if h.their_state is h11.SEND_BODY:
-            # Discard what is already here of the request body (often all of it: an empty
-            # body), so the connection can stay open.
-            with contextlib.suppress(h11.RemoteProtocolError):
-                while type(h.next_event()) is h11.Data:
-                    pass
-        keep = (
-            not close
-            and not self.request_close
-            and h.their_state is h11.DONE
-            and not self.listener.draining
-        )
-        if not self.responded:
-            self.responded = True
-            self.phase = SEND
-            config = self.listener.config
-            self.deadline = trio.current_time() + (config.idle_timeout or DEFAULT_KEEPALIVE)
-            try:
-                await self._send(error_response(status, message, keep=keep))
-            except _ClientGone:
-                keep = False
-        else:
-            keep = False
-        if not keep and h.their_state is not h11.DONE:
-            self.linger = True
-        self.log_request(record)
-        return keep
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -896,46 +704,10 @@ class _Handler:
             raise _ClientGone(_why(exc)) from None
         self.bytes_out += len(data)
 
-    # -- accounting --------------------------------------------------------------------
-
-    def log_request(self, record: Record) -> None:
-        record.logged = True
-        listener = self.listener
-        stats = listener.stats
-        key = (record.route, record.status)
-        requests = stats.requests
-        requests[key] = requests.get(key, 0) + 1
-        elapsed = trio.current_time() - record.started
-        stats.durations.observe(elapsed)
-        bytes_in = self.bytes_in - self.counted_in
-        bytes_out = self.bytes_out - self.counted_out
-        self.counted_in = self.bytes_in
-        self.counted_out = self.bytes_out
-        stats.bytes_in += bytes_in
-        stats.bytes_out += bytes_out
-        if listener.access_log:
-            logs.access.info(
-                "request",
-                listener=listener.config.name,
-                client=self.client_text,
-                node=record.node,
-                method=record.method,
-                path=record.path,
-                upstream_path=record.upstream_path,
-                host=record.host,
-                route=record.route,
-                status=record.status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
-                duration_ms=round(elapsed * 1000, 3),
-            )
+    # -- the end -----------------------------------------------------------------------
 
     def finish(self) -> None:
-        stats = self.listener.stats
-        stats.bytes_in += self.bytes_in - self.counted_in
-        stats.bytes_out += self.bytes_out - self.counted_out
-        self.counted_in = self.bytes_in
-        self.counted_out = self.bytes_out
+        self.count_bytes()
         if self.private is not None:
             self.private.close()
             self.private = None

@@ -50,8 +50,11 @@ SEND = 6  # the client taking a response made here: close
 class Timed(Protocol):
     """What the sweeper reads and calls on a connection."""
 
-    deadline: float
-    phase: int
+    @property
+    def deadline(self) -> float: ...
+
+    @property
+    def phase(self) -> int: ...
 
     @property
     def listener(self) -> ListenerRuntime: ...
