@@ -22,6 +22,7 @@ from collections.abc import Callable
 import structlog
 import trio
 
+from .errors import NoHealthyNode, UpstreamConnectError
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .reactor import Reactor, ReactorStopped, Timer
@@ -102,7 +103,8 @@ class NodeConnector:
     with ``mask``: ``SocketRelay.start`` adopts it; the lease counts it on its node) or
     ``on_failed(exc)`` with ``NoHealthyNode`` (nothing could be tried),
     ``UpstreamConnectError`` (every attempt failed) or ``ReactorStopped`` (shutdown).
-    ``first``: a node the caller already picked, tried first (its pick counts as an attempt).
+    ``first``: a node the caller already picked, tried first (its pick counts as an attempt);
+    ``plan``: the caller's plan, if it took attempts from it already (see :meth:`start`).
     Callbacks never await.
 
     Resource handling: owns the socket and the lease of the attempt under way; hands both
@@ -129,9 +131,10 @@ class NodeConnector:
         on_failed: FailedCallback,
         *,
         first: NodeState | None = None,
+        plan: ConnectPlan | None = None,
     ) -> None:
         self.reactor = reactor
-        self.plan = ConnectPlan(upstream, client_key, first=first)
+        self.plan = plan if plan is not None else ConnectPlan(upstream, client_key, first=first)
         self.connect_timeout = upstream.config.connect_timeout
         self.on_connected = on_connected
         self.on_failed = on_failed
@@ -140,20 +143,28 @@ class NodeConnector:
         self.sock: socket.socket | None = None
         self.timer: Timer | None = None
 
-    def start(self) -> None:
-        """Begin connecting; a callback may run before this returns."""
+    def start(self, lease: NodeLease | None = None) -> None:
+        """Begin connecting (with ``lease``, the attempt of a node the plan gave the caller
+        already, if given); a callback may run before this returns."""
         if self.reactor.stopped:
+            if lease is not None:
+                lease.release()
             self.on_failed(ReactorStopped("shutdown"))
             return
         self.reactor.connectors.add(self)
-        self._next()
+        self._next(lease)
 
-    def _next(self) -> None:
-        """Start the next attempt, or report the outcome when there is none left."""
+    def _next(self, first: NodeLease | None = None) -> None:
+        """Start the next attempt (``first``, then the plan's), or report the outcome when
+        there is none left."""
         plan = self.plan
         reactor = self.reactor
         while True:
-            lease = plan.next()
+            lease: NodeLease | NoHealthyNode | UpstreamConnectError
+            if first is not None:
+                lease, first = first, None
+            else:
+                lease = plan.next()
             if not isinstance(lease, NodeLease):
                 reactor.connectors.discard(self)
                 self.on_failed(lease)

@@ -39,7 +39,7 @@ from ..connect import NodeConnector
 from ..errors import GatewayError
 from ..nodes import NodeState
 from ..reactor import Reactor, ReactorStopped
-from ..upstream import NodeLease
+from ..upstream import ConnectPlan, NodeLease
 from .conn import HttpConn
 from .exchange import (
     CONNECT,
@@ -366,27 +366,24 @@ class FastConnection:
             return
 
     def _acquire(self) -> None:
-        """A node connection: a pooled one for the picked node, else a new one."""
+        """A node connection: the upstream's connect plan picks the node; a pooled
+        connection to it if there is one (unless the exchange wants a fresh one), else the
+        reactor's connector opens one (and goes on with the plan's next nodes)."""
         conn = self.conn
         exchange = self.exchange
         upstream = exchange.upstream
         assert upstream is not None
         conn.watch_upstream(upstream)
-        first: NodeState | None = None
+        plan = ConnectPlan(upstream, conn.client_key)
+        node = plan.next_node()
+        if not isinstance(node, NodeState):
+            self._run(exchange.connect_failed(node.status_hint, str(node), trio.current_time()))
+            return
         if not exchange.fresh:
-            node = upstream.pick([], conn.client_key)
-            if node is None:
-                self._run(
-                    exchange.connect_failed(
-                        503, f"upstream {upstream.name}: no node available", trio.current_time()
-                    )
-                )
-                return
             nc = conn.pool.take(node, upstream, reactor=self.reactor, check=not exchange.retryable)
             if nc is not None:
                 self._node_ready(nc)
                 return
-            first = node
         self.state = _CONNECT
         connector = NodeConnector(
             self.reactor,
@@ -394,10 +391,10 @@ class FastConnection:
             conn.client_key,
             self._connected,
             self._connect_failed,
-            first=first,
+            plan=plan,
         )
         self.connector = connector
-        connector.start()
+        connector.start(NodeLease(upstream, node))
 
     def _connected(self, sock: socket.socket, lease: NodeLease, mask: int) -> None:
         self.connector = None
