@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
 
 import h11
-import h11._readers
 import structlog
 import trio
 
@@ -67,6 +65,7 @@ from .responses import (
     error_response,
 )
 from .routes import RouteTable, route_table
+from .strict import FOLD_MESSAGE, REFUSE, START, head_refusal, scan_head
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
 from .tlsstream import TLSStream
 from .wire import (
@@ -96,25 +95,6 @@ CLOSE_TIMEOUT = 1.0
 _BURST = 16
 #: Response bytes gathered before they are written to the client.
 _FLUSH_AT = 256 * 1024
-
-# -- strict parsing: obsolete line folding is refused ---------------------------------------
-#
-# h11 unfolds obs-fold (RFC 9112 §5.2 allows that or a 400). A gateway in front of other
-# parsers refuses it instead, as nginx and HAProxy do, so no two parsers can disagree about
-# where a header ends. h11 has no switch for it; its line-folding helper is replaced here
-# (tests/test_http_proxy.py checks that this takes effect).
-
-
-def _refuse_obs_fold(lines: Any) -> Any:
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise h11.LocalProtocolError("obsolete header line folding is not accepted")
-        yield line
-
-
-if hasattr(h11._readers, "_obsolete_line_fold"):
-    h11._readers._obsolete_line_fold = _refuse_obs_fold
-
 
 # -- errors and records ---------------------------------------------------------------------
 
@@ -215,6 +195,7 @@ class _Handler:
         "expired",
         "fast",
         "h",
+        "head_scan",
         "io",
         "linger",
         "listener",
@@ -251,6 +232,8 @@ class _Handler:
         #: Set when a request was refused because of the source address (403).
         self.denied = False
         self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        #: l4gw.http.strict's scan of the head h11 is given (obs-fold is refused).
+        self.head_scan = START
         self.bytes_in = 0
         self.bytes_out = 0
         self.counted_in = 0
@@ -313,6 +296,7 @@ class _Handler:
                     return
                 data, eof = handed
                 self.h.receive_data(data)
+                self.head_scan = scan_head(START, data)
                 if eof:
                     self.h.receive_data(b"")
                 in_head = True
@@ -338,6 +322,7 @@ class _Handler:
             leftover, closed = h.trailing_data
             h = self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
             in_head = bool(leftover)
+            self.head_scan = scan_head(START, leftover)
             if leftover:  # pipelined bytes: the next head has started
                 h.receive_data(leftover)
                 self.phase = HEAD
@@ -369,6 +354,8 @@ class _Handler:
         return bytes(fast.buffer), fast.eof
 
     async def _read_head(self, in_head: bool, record: Record) -> h11.Request | None:
+        if self.head_scan == REFUSE:
+            self._refuse_fold()
         event: object = self.h.next_event()
         if event is h11.NEED_DATA:
             event = await self._receive_head(in_head, record)
@@ -398,9 +385,19 @@ class _Handler:
                     self.phase = HEAD
                     self.deadline = record.started + config.header_timeout
             h.receive_data(data)
+            self.head_scan = scan = scan_head(self.head_scan, data)
+            if scan == REFUSE:
+                self._refuse_fold()
             event = h.next_event()
             if event is not h11.NEED_DATA:
                 return event
+
+    def _refuse_fold(self) -> None:
+        """Raise ``h11.RemoteProtocolError`` (400) for the complete head with a folded line
+        that h11 holds (``head_scan`` is ``REFUSE``), as h11 itself would if it refused
+        folding (see :mod:`l4gw.http.strict`)."""
+        message = head_refusal(self.h.trailing_data[0])
+        raise h11.RemoteProtocolError(message or FOLD_MESSAGE)
 
     # -- one request -------------------------------------------------------------------
 
