@@ -91,8 +91,6 @@ LINGER_TIME = 2.0
 LINGER_BYTES = 256 * 1024
 #: How long closing a TLS connection (close_notify) may take.
 CLOSE_TIMEOUT = 1.0
-#: Body chunks relayed back to back before yielding to other tasks.
-_BURST = 16
 #: Response bytes gathered before they are written to the client.
 _FLUSH_AT = 256 * 1024
 
@@ -763,7 +761,6 @@ class _Handler:
         self.deadline = trio.current_time() + idle
         complete = False
         try:
-            burst = 0
             while (step := frame_body(reader, out, chunk_out, _FLUSH_AT)) != DONE:
                 if out:
                     await self._send(b"".join(out))
@@ -776,10 +773,6 @@ class _Handler:
                 else:
                     reader.feed_eof()
                 self.deadline = trio.current_time() + idle
-                burst += 1
-                if burst >= _BURST:
-                    burst = 0
-                    await trio.lowlevel.checkpoint()
             complete = True
             if out:
                 await self._send(b"".join(out))
