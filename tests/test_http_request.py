@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import l4gw.http.proxy  # noqa: F401  (installs the obs-fold refusal in h11, as in the daemon)
 from l4gw.http.request import parse_request
 from l4gw.http.responses import MAX_HEAD
 

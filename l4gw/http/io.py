@@ -7,6 +7,13 @@ in the task and the task only parks when the kernel says EAGAIN. ``receive(wait_
 parks first, for reads where the bytes are known not to be there yet (the response right
 after the request was sent), saving a failing system call.
 
+So that a connection whose bytes never stop (a fast upload, a busy upgraded connection, a long
+response) cannot hold the trio thread, every :data:`BURST`-th operation of an ``FdIO``
+yields once to the other tasks first (a checkpoint: the reactor, accept loops, health checks
+run; a cancellation is seen there, before the system call, so no byte is lost). This is the
+one place that does it for every loop over ``FdIO`` (node connections are ``FdIO`` or a trio
+stream, which checkpoints on its own, so a relay between a client and a node always yields).
+
 TLS terminated by an http listener is a :class:`l4gw.http.tlsstream.TLSStream`, which is a
 ``ByteIO`` itself. Other streams (``trio.SSLStream``, in-memory test streams, the listener's
 PROXY prefix wrapper) go through :class:`StreamIO`.
@@ -22,15 +29,19 @@ import socket
 
 import trio
 
-__all__ = ["IO_ERRORS", "RECEIVE_SIZE", "ByteIO", "FdIO", "StreamIO", "io_for_stream"]
+__all__ = ["BURST", "IO_ERRORS", "RECEIVE_SIZE", "ByteIO", "FdIO", "StreamIO", "io_for_stream"]
 
 #: Bytes asked for per read.
 RECEIVE_SIZE = 64 * 1024
+#: Operations of one ``FdIO`` back to back before it yields to other tasks (at most
+#: ``BURST * RECEIVE_SIZE`` bytes read without a checkpoint).
+BURST = 16
 
 IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
+_checkpoint = trio.lowlevel.checkpoint
 
 
 class ByteIO:
@@ -53,18 +64,26 @@ class ByteIO:
 class FdIO(ByteIO):
     """A connected non-blocking stream socket, by file descriptor (not owned: closing the
     socket is the owner's business, after ``trio.lowlevel.notify_closing``). ``sock`` is
-    the socket object (stdlib or trio), used for ``shutdown``."""
+    the socket object (stdlib or trio), used for ``shutdown``. Every :data:`BURST`-th
+    ``receive`` or ``send_all`` starts with a checkpoint."""
 
-    __slots__ = ("fd", "sock")
+    __slots__ = ("fd", "sock", "turns")
 
     def __init__(self, sock: socket.socket | trio.socket.SocketType) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        #: Operations left before the next checkpoint.
+        self.turns = BURST
 
     async def receive(self, *, wait_first: bool = False) -> bytes:
         fd = self.fd
         if wait_first:
             await _wait_readable(fd)
+        else:
+            self.turns -= 1
+            if not self.turns:
+                self.turns = BURST
+                await _checkpoint()
         while True:
             try:
                 return os.read(fd, RECEIVE_SIZE)
@@ -73,6 +92,10 @@ class FdIO(ByteIO):
 
     async def send_all(self, data: bytes) -> None:
         fd = self.fd
+        self.turns -= 1
+        if not self.turns:
+            self.turns = BURST
+            await _checkpoint()
         try:
             sent = os.write(fd, data)
         except BlockingIOError:

@@ -39,10 +39,8 @@ Gateway errors have a JSON body ``{"error": "...", "status": N}``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import h11
-import h11._readers
 import structlog
 import trio
 
@@ -70,6 +68,7 @@ from .headers import connection_tokens, is_upgrade_request, response_headers
 from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
 from .pool import NodeConnection
 from .responses import DEFAULT_KEEPALIVE, MAX_HEAD, NO_ROUTE
+from .strict import FOLD_MESSAGE, REFUSE, START, head_refusal, scan_head
 from .timeouts import timeouts
 from .tlsstream import TLSStream
 from .wire import LAST_CHUNK, chunk, response_head
@@ -85,27 +84,6 @@ LINGER_TIME = 2.0
 LINGER_BYTES = 256 * 1024
 #: How long closing a TLS connection (close_notify) may take.
 CLOSE_TIMEOUT = 1.0
-#: Body chunks relayed back to back before yielding to other tasks.
-_BURST = 16
-
-# -- strict parsing: obsolete line folding is refused ---------------------------------------
-#
-# h11 unfolds obs-fold (RFC 9112 §5.2 allows that or a 400). A gateway in front of other
-# parsers refuses it instead, as nginx and HAProxy do, so no two parsers can disagree about
-# where a header ends. h11 has no switch for it; its line-folding helper is replaced here
-# (tests/test_http_proxy.py checks that this takes effect).
-
-
-def _refuse_obs_fold(lines: Any) -> Any:
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise h11.LocalProtocolError("obsolete header line folding is not accepted")
-        yield line
-
-
-if hasattr(h11._readers, "_obsolete_line_fold"):
-    h11._readers._obsolete_line_fold = _refuse_obs_fold
-
 
 # -- errors and shared state ---------------------------------------------------------------------
 
@@ -187,6 +165,7 @@ class _Handler(HttpConn):
         "expired",
         "fast",
         "h",
+        "head_scan",
         "io",
         "linger",
         "private",
@@ -206,6 +185,8 @@ class _Handler(HttpConn):
         self.stream = stream
         self.io = io_for_stream(stream)
         self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        #: l4gw.http.strict's scan of the head h11 is given (obs-fold is refused).
+        self.head_scan = START
         self.linger = False
         #: A connection to an upstream with proxy_protocol on, kept for this client only.
         self.private: NodeConnection | None = None
@@ -267,6 +248,7 @@ class _Handler(HttpConn):
                     return
                 data, eof = handed
                 self.h.receive_data(data)
+                self.head_scan = scan_head(START, data)
                 if eof:
                     self.h.receive_data(b"")
                 in_head = True
@@ -288,6 +270,7 @@ class _Handler(HttpConn):
             leftover, closed = h.trailing_data
             h = self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
             in_head = bool(leftover)
+            self.head_scan = scan_head(START, leftover)
             if leftover:  # pipelined bytes: the next head has started
                 h.receive_data(leftover)
                 exchange.head_started(trio.current_time())
@@ -316,6 +299,8 @@ class _Handler(HttpConn):
         return bytes(fast.buffer), fast.eof
 
     async def _read_head(self, in_head: bool) -> h11.Request | None:
+        if self.head_scan == REFUSE:
+            self._refuse_fold()
         event: object = self.h.next_event()
         if event is h11.NEED_DATA:
             event = await self._receive_head(in_head)
@@ -342,9 +327,19 @@ class _Handler(HttpConn):
                     idle = False
                     exchange.head_started(trio.current_time())
             h.receive_data(data)
+            self.head_scan = scan = scan_head(self.head_scan, data)
+            if scan == REFUSE:
+                self._refuse_fold()
             event = h.next_event()
             if event is not h11.NEED_DATA:
                 return event
+
+    def _refuse_fold(self) -> None:
+        """Raise ``h11.RemoteProtocolError`` (400) for the complete head with a folded line
+        that h11 holds (``head_scan`` is ``REFUSE``), as h11 itself would if it refused
+        folding (see :mod:`l4gw.http.strict`)."""
+        message = head_refusal(self.h.trailing_data[0])
+        raise h11.RemoteProtocolError(message or FOLD_MESSAGE)
 
     # -- one request -------------------------------------------------------------------
 
@@ -462,7 +457,6 @@ class _Handler(HttpConn):
         """Carry out commands until ``DONE``, ``SWITCH`` or ``UPLOAD``, which it returns
         (``held`` holds the node connection in use)."""
         exchange = self.exchange
-        burst = 0
         while True:
             if cmd & RELEASE:
                 if held:
@@ -508,10 +502,6 @@ class _Handler(HttpConn):
                 cmd = exchange.pump(trio.current_time())
             else:
                 return cmd
-            burst += 1
-            if burst >= _BURST:
-                burst = 0
-                await trio.lowlevel.checkpoint()
 
     async def _read_node(self, nc: NodeConnection, upload: _Upload | None, first: bool) -> int:
         """Read from the node and tell the exchange; while a body upload runs and no
