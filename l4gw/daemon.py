@@ -13,83 +13,35 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import structlog
 import trio
 
 from . import __version__, systemd
 from .acl import SourceACL
 from .admin import AdminHandlers, serve_admin
-from .config import Config, ConfigError, ListenerConfig, load_config
+from .config import Config, ConfigError, ListenerConfig
+from .configfiles import config_as_dict, load_usable_config
 from .discovery import discovery_stats
+from .errors import BindError
 from .health import find_monitor, node_status
-from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
+from .listeners import ConnectionContext, bind_listener, bind_unix_listener, serve_listener
 from .logs import configure_logging
-from .metrics import lifecycle_families, render_metrics
+from .metrics import lifecycle_families, render_metrics, sweeper_families
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .ratelimit import RateLimiter
 from .reactor import HAVE_REACTOR, Reactor
 from .relay import IdleSweeper, PipePool
 from .runtime import ListenerRuntime, ListenerStats
-from .tls import build_client_context, check_certificates
 from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.daemon")
-
-
-def config_problems(config: Config) -> list[str]:
-    """Problems that make a parsed config unusable beyond its syntax and values: the files it
-    names (certificates and keys that are unreadable, mismatched, expired or not
-    yet valid; CA files that do not load). Each problem names its key path and file."""
-    problems: list[str] = []
-    for index, lc in enumerate(config.listeners):
-        if lc.tls is not None:
-            problems += [f"listeners[{index}].tls: {p}" for p in check_certificates(lc.tls)]
-    for name, up in config.upstreams.items():
-        if up.tls is not None:
-            try:
-                build_client_context(up.tls)
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(f"upstreams.{name}.tls.ca: cannot load {up.tls.ca}: {exc}")
-    return problems
-
-
-def load_usable_config(path: str | os.PathLike[str]) -> Config:
-    """Load and validate ``path`` for running. Raises ``ConfigError`` listing every problem."""
-    config = load_config(path)
-    problems = config_problems(config)
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, SocketAddress):
-        return str(value)  # "host:port", as written in the file
-    if attrs.has(type(value)):
-        return {f.name: _to_jsonable(getattr(value, f.name)) for f in attrs.fields(type(value))}
-    if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def config_as_dict(config: Config) -> dict[str, Any]:
-    """The running configuration as plain JSON-able data (``/config``, ``check --diff``)."""
-    result = _to_jsonable(config)
-    assert isinstance(result, dict)
-    return result
 
 
 class _Listening:
@@ -213,8 +165,6 @@ class Daemon:
             if admin is not None or self.admin_path is not None:
                 try:
                     if self.admin_path is not None:
-                        from .workers import bind_unix_listener
-
                         admin_sock = bind_unix_listener("admin", self.admin_path)
                     else:
                         assert admin is not None
@@ -536,19 +486,7 @@ class Daemon:
             ],
             extra=[
                 *lifecycle_families(self.reloads, self.reload_failures, self.draining),
-                (
-                    "l4gw_drained_after_reload_total",
-                    "counter",
-                    "Connections closed drain_timeout after a reload removed their node or "
-                    "listener.",
-                    [({}, self.sweeper.closed_drained)],
-                ),
-                (
-                    "l4gw_idle_timeouts_total",
-                    "counter",
-                    "Connections closed by idle_timeout.",
-                    [({}, self.sweeper.closed_idle)],
-                ),
+                *sweeper_families(self.sweeper.closed_drained, self.sweeper.closed_idle),
                 *self.upstream_set.metric_families(),
             ],
         )

@@ -57,11 +57,22 @@ import trio
 from . import __version__
 from .admin import ADMIN_TIMEOUT, MAX_REQUEST_HEAD, AdminHandlers
 from .config import Config, ConfigError
+from .configfiles import config_as_dict, load_usable_config
 from .discovery import discovery_stats
+from .errors import BindError
 from .health import find_monitor, node_status, nodes_changed
-from .listeners import BACKLOG, BindError, bind_listener
+from .listeners import bind_listener
 from .logs import configure_logging
-from .metrics import lifecycle_families, render_metrics
+from .metrics import (
+    Family,
+    add_families,
+    cumulative_families,
+    lifecycle_families,
+    merge_metrics,
+    parse_metrics,
+    render_metrics,
+    worker_families,
+)
 from .netaddr import SocketAddress, parse_socket_address
 from .runtime import ListenerStats
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
@@ -81,47 +92,6 @@ PUSH_FULL = 5.0
 FIRST_SNAPSHOT_WAIT = 5.0
 #: Time limit of one request to a worker's private admin endpoint.
 WORKER_FETCH_TIMEOUT = 2.0
-
-#: Metric families the control plane answers from its own state; every other family is the
-#: sum over the workers (samples with the same name and labels added up).
-CONTROL_FAMILIES = frozenset(
-    {
-        "l4gw_node_healthy",
-        "l4gw_node_weight",
-        "l4gw_unauthorized_nodes_dropped_total",
-        "l4gw_reloads_total",
-        "l4gw_reload_failures_total",
-        "l4gw_draining",
-        "l4gw_health_checks_total",
-        "l4gw_health_checks_failed_total",
-        "l4gw_discovery_lookups_total",
-        "l4gw_discovery_failures_total",
-        "l4gw_discovery_empty_total",
-        "l4gw_discovery_changes_total",
-        "l4gw_workers",
-        "l4gw_worker_restarts_total",
-    }
-)
-#: Family types whose samples only grow: kept from workers that exited (see ``_retire``).
-_CUMULATIVE = ("counter", "histogram")
-
-
-def bind_unix_listener(name: str, path: str) -> socket.socket:
-    """A non-blocking listening Unix stream socket at ``path`` (a stale one is replaced).
-    Raises ``BindError``."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock.bind(path)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        raise BindError(f"listener {name}: cannot listen on {path}: {reason}") from exc
-    return sock
-
 
 # -- the node state messages ----------------------------------------------------------------
 
@@ -233,89 +203,6 @@ def control_service(sock: socket.socket) -> Callable[..., Awaitable[None]]:
         daemon.stop()
 
     return serve_control
-
-
-# -- Prometheus text ----------------------------------------------------------------------
-
-Number = int | float
-
-
-@attrs.define
-class Family:
-    """One metric family of a ``/metrics`` page: samples keyed by ``name{labels}``."""
-
-    name: str
-    kind: str = "untyped"
-    help: str = ""
-    samples: dict[str, Number] = attrs.field(factory=dict)
-
-
-def _number(text: str) -> Number:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def parse_metrics(text: str) -> dict[str, Family]:
-    """The families of a page in l4gw's own exposition format (``# HELP``/``# TYPE`` before
-    the samples of each family), in order. Samples repeated within a page are added up."""
-    families: dict[str, Family] = {}
-    current: Family | None = None
-    for line in text.splitlines():
-        if line.startswith(("# HELP ", "# TYPE ")):
-            name, _, rest = line[7:].partition(" ")
-            current = families.setdefault(name, Family(name))
-            if line.startswith("# HELP "):
-                current.help = rest
-            else:
-                current.kind = rest
-        elif line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            if current is None or not key.startswith(current.name):
-                base = key.split("{", 1)[0]
-                current = families.setdefault(base, Family(base))
-            current.samples[key] = current.samples.get(key, 0) + _number(value)
-    return families
-
-
-def _add_into(target: dict[str, Family], families: Iterable[Family]) -> None:
-    for family in families:
-        into = target.get(family.name)
-        if into is None:
-            into = target[family.name] = Family(family.name, family.kind, family.help)
-        for key, value in family.samples.items():
-            into.samples[key] = into.samples.get(key, 0) + value
-
-
-def _render_value(value: Number) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def merge_metrics(
-    control: Mapping[str, Family],
-    workers: Iterable[Mapping[str, Family]],
-    retired: Mapping[str, Family] = {},
-) -> str:
-    """One page: ``CONTROL_FAMILIES`` from ``control``, every other family summed over
-    ``workers`` plus ``retired`` (counters of workers that exited). Families keep the order
-    of ``control``, then of the workers."""
-    summed: dict[str, Family] = {}
-    for page in workers:
-        _add_into(summed, page.values())
-    _add_into(summed, retired.values())
-    order = list(control)
-    order += [name for name in summed if name not in control]
-    lines: list[str] = []
-    for name in order:
-        source = control if name in CONTROL_FAMILIES else summed
-        header = control.get(name) or summed[name]
-        family = source.get(name)
-        lines.append(f"# HELP {name} {header.help}")
-        lines.append(f"# TYPE {name} {header.kind}")
-        if family is not None:
-            lines += [f"{key} {_render_value(value)}" for key, value in family.samples.items()]
-    return "\n".join(lines) + "\n"
 
 
 # -- the worker's private admin endpoint ----------------------------------------------------
@@ -447,7 +334,7 @@ class ControlPlane(WorkerHooks):
         self._close_channel(slot.index)
         cached = self._counters.pop(slot.index, None)
         if cached is not None:
-            _add_into(self._retired, cached[1].values())
+            add_families(self._retired, cached[1].values())
 
     def signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -501,8 +388,6 @@ class ControlPlane(WorkerHooks):
     def reload(self) -> bool:
         """Re-read the file for the control plane's own part (upstreams, health, discovery,
         logging); the workers reload it themselves. True when the new config is in force."""
-        from .daemon import load_usable_config
-
         try:
             new = load_usable_config(self.config_path)
         except ConfigError as exc:
@@ -599,8 +484,6 @@ class ControlPlane(WorkerHooks):
             if path == "/metrics":
                 text = await self.metrics_text()
                 return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
-        from .daemon import config_as_dict
-
         handlers = AdminHandlers(
             healthy=lambda: not self.draining,
             status=dict,
@@ -797,15 +680,7 @@ class ControlPlane(WorkerHooks):
         extra = lifecycle_families(self.reloads, self.reload_failures, self.draining)
         extra += self.upstream_set.metric_families()
         running = sum(1 for slot in self.supervisor.slots if slot.running)
-        extra.append(("l4gw_workers", "gauge", "Worker processes running.", [({}, running)]))
-        extra.append(
-            (
-                "l4gw_worker_restarts_total",
-                "counter",
-                "Worker processes restarted after they exited.",
-                [({}, self.supervisor.restarts)],
-            )
-        )
+        extra += worker_families(running, self.supervisor.restarts)
         for up in self.upstreams.values():
             up.forget_retired()
         return render_metrics(
@@ -821,8 +696,7 @@ class ControlPlane(WorkerHooks):
         for index, (pid, body) in (await self._fetch_all("/metrics")).items():
             page = parse_metrics(body.decode("utf-8", "replace"))
             pages.append(page)
-            cumulative = {n: f for n, f in page.items() if f.kind in _CUMULATIVE}
-            self._counters[index] = (pid, cumulative)
+            self._counters[index] = (pid, cumulative_families(page))
         return merge_metrics(parse_metrics(self._own_metrics()), pages, self._retired)
 
 
