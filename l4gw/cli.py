@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.control_fd is not None:
         import socket
 
-        from .workers import control_service
+        from .nodechannel import control_service
 
         try:
             control = socket.socket(fileno=args.control_fd)

@@ -13,20 +13,12 @@ traffic. In one trio process it runs
   ``/metrics`` for the whole daemon, merged from each worker's private admin endpoint (a Unix
   socket in a private temporary directory) and its own health state, ``/config`` its own.
 
-Node state push: each worker has one Unix stream socket pair to the control plane (its end
-passed at ``--control-fd``). The control plane sends one JSON line per change of the node set
-or of an active check verdict (looked at every ``PUSH_POLL``), the full state every
-``PUSH_FULL`` and at once when a worker starts or answers READY=1::
-
-    {"upstreams": {"web": [{"address": "10.0.1.10:80", "weight": 10, "source": "static",
-                            "check_up": true}, ...]}}
-
-A worker (``control_service``) applies it before its listeners accept (waiting up to
-``FIRST_SNAPSHOT_WAIT`` for the first line), then as lines come: DNS nodes through
-``UpstreamRuntime.set_discovered``, ``check_up`` on each node, ``healthy = check_up and not
-ejected``. Workers run no discovery and no active probes (``serve_health(probes=False)``);
-passive ejection stays local to each worker, from its own connect failures. When the control
-plane goes away (the socket reaches EOF), a worker drains and exits.
+Node state push (``l4gw.nodechannel``): each worker has one Unix stream socket pair to the
+control plane. The control plane sends the node state (one JSON line) when it changes (looked
+at every ``PUSH_POLL``), the full state every ``PUSH_FULL`` and at once when a worker starts or
+answers READY=1. Workers run no discovery and no active probes
+(``serve_health(probes=False)``); passive ejection stays local to each worker, from its own
+connect failures. When the control plane goes away, a worker drains and exits.
 
 Signals to the control plane: SIGHUP reloads its own copy of the file (a bad file is logged
 and the old config stays) and is forwarded to every worker, which reloads the same file;
@@ -45,11 +37,10 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import attrs
 import h11
 import structlog
 import trio
@@ -60,7 +51,7 @@ from .config import Config, ConfigError
 from .configfiles import config_as_dict, load_usable_config
 from .discovery import discovery_stats
 from .errors import BindError
-from .health import find_monitor, node_status, nodes_changed
+from .health import find_monitor, node_status
 from .listeners import bind_listener
 from .logs import configure_logging
 from .metrics import (
@@ -73,14 +64,12 @@ from .metrics import (
     render_metrics,
     worker_families,
 )
-from .netaddr import SocketAddress, parse_socket_address
+from .netaddr import SocketAddress
+from .nodechannel import ControlEnd, encode_node_states
 from .runtime import ListenerStats
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
 from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 log = structlog.get_logger("l4gw.workers")
 
@@ -88,122 +77,8 @@ log = structlog.get_logger("l4gw.workers")
 PUSH_POLL = 0.2
 #: The full node state is pushed at least this often, changed or not.
 PUSH_FULL = 5.0
-#: A starting worker waits this long for the first node state before it accepts anyway.
-FIRST_SNAPSHOT_WAIT = 5.0
 #: Time limit of one request to a worker's private admin endpoint.
 WORKER_FETCH_TIMEOUT = 2.0
-
-# -- the node state messages ----------------------------------------------------------------
-
-
-def node_state_message(upstreams: Mapping[str, UpstreamRuntime]) -> dict[str, Any]:
-    """What the control plane pushes: every in-service node with its active check verdict."""
-    return {
-        "upstreams": {
-            name: [
-                {
-                    "address": node.key,
-                    "weight": node.weight,
-                    "source": node.source,
-                    "check_up": node.check_up,
-                }
-                for node in up.nodes
-            ]
-            for name, up in upstreams.items()
-        }
-    }
-
-
-def apply_node_states(upstreams: Mapping[str, UpstreamRuntime], message: Mapping[str, Any]) -> None:
-    """Apply a pushed node state in a worker. Upstreams and nodes the worker does not know
-    (its file was reloaded at another moment) are skipped; DNS nodes are taken only where
-    the worker's own config has discovery for that upstream."""
-    pushed = message.get("upstreams")
-    if not isinstance(pushed, dict):
-        raise ValueError("no upstreams object")
-    for name, entries in pushed.items():
-        up = upstreams.get(name)
-        if up is None:
-            continue
-        verdicts: dict[str, bool] = {}
-        found: list[tuple[SocketAddress, int]] = []
-        for entry in entries:
-            verdicts[str(entry["address"])] = bool(entry["check_up"])
-            if entry["source"] == "dns":
-                found.append((parse_socket_address(entry["address"]), int(entry["weight"])))
-        added = False
-        if up.config.discovery is not None:
-            current = sorted((n.address, n.weight) for n in up.nodes if n.source == "dns")
-            if sorted(found) != current:
-                up.set_discovered(found)
-                added = True
-        for node in up.nodes:
-            verdict = verdicts.get(node.key)
-            if verdict is not None:
-                node.check_up = verdict
-                node.healthy = verdict and node.ejected_until is None
-        if added:
-            nodes_changed(up)  # the new nodes already carry their verdict
-
-
-class _LineReader:
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-
-    async def readline(self) -> bytes | None:
-        """The next line (without its newline), or None at EOF."""
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[: end + 1]
-                return line
-            try:
-                data = await self.sock.recv(1 << 16)
-            except OSError:  # ECONNRESET: the other end is gone as well
-                return None
-            if not data:
-                return None
-            self.buffer += data
-
-
-def control_service(sock: socket.socket) -> Callable[..., Awaitable[None]]:
-    """The worker's side of the control channel, as a ``Daemon`` extra service: it reports
-    started once the first node state is applied (or after ``FIRST_SNAPSHOT_WAIT``), then
-    applies every line; at EOF (the control plane is gone) it stops the daemon gracefully."""
-
-    async def serve_control(
-        daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        reader = _LineReader(trio.socket.from_stdlib_socket(sock))
-
-        def apply(line: bytes) -> None:
-            try:
-                apply_node_states(daemon.upstreams, json.loads(line))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.warning("control_message_bad", error=repr(exc))
-
-        eof = False
-        with trio.move_on_after(FIRST_SNAPSHOT_WAIT) as first:
-            line = await reader.readline()
-            if line is None:
-                eof = True
-            else:
-                apply(line)
-        if first.cancelled_caught:
-            log.warning("control_state_late", waited=FIRST_SNAPSHOT_WAIT)
-        task_status.started()
-        while not eof:
-            line = await reader.readline()
-            if line is None:
-                break
-            apply(line)
-        log.warning("control_channel_closed", reason="the control plane is gone; stopping")
-        daemon.stop()
-
-    return serve_control
-
 
 # -- the worker's private admin endpoint ----------------------------------------------------
 
@@ -226,30 +101,6 @@ def _sum_field(entries: Iterable[Mapping[str, Any]], key: str) -> int:
 
 
 # -- the control plane ----------------------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class _Channel:
-    """The control plane's end of one worker process's control socket pair."""
-
-    sock: trio.socket.SocketType
-    #: The worker's end, open in this process only until the worker is started.
-    child: socket.socket | None
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    wake: trio.Event = attrs.field(factory=trio.Event)
-    pending: bytes = b""
-
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` (a whole state: it replaces one not sent yet)."""
-        self.pending = data
-        self.wake.set()
-
-    def close(self) -> None:
-        self.scope.cancel()
-        if self.child is not None:
-            self.child.close()
-            self.child = None
-        self.sock.close()
 
 
 class ControlPlane(WorkerHooks):
@@ -275,7 +126,7 @@ class ControlPlane(WorkerHooks):
         self.admin_address: SocketAddress | None = None
         #: Private directory (mode 0700) of the workers' admin sockets, made by ``run``.
         self._dir = ""
-        self._channels: dict[int, _Channel] = {}
+        self._channels: dict[int, ControlEnd] = {}
         self._services: trio.Nursery | None = None
         #: slot index -> (pid, cumulative families of its last /metrics page).
         self._counters: dict[int, tuple[int, dict[str, Family]]] = {}
@@ -309,20 +160,18 @@ class ControlPlane(WorkerHooks):
 
     def pass_fds(self, slot: WorkerSlot) -> list[int]:
         self._close_channel(slot.index)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel = _Channel(trio.socket.from_stdlib_socket(parent), child)
+        channel = ControlEnd.open()
         self._channels[slot.index] = channel
-        return [child.fileno()]
+        assert channel.child is not None
+        return [channel.child.fileno()]
 
     def spawned(self, slot: WorkerSlot) -> None:
         channel = self._channels.get(slot.index)
         if channel is None:
             return
-        if channel.child is not None:
-            channel.child.close()  # the worker has its copy: EOF there once we are gone
-            channel.child = None
+        channel.worker_started()  # the worker has its copy: EOF there once we are gone
         assert self._services is not None
-        self._services.start_soon(self._send_loop, channel)
+        self._services.start_soon(channel.serve)
         channel.send(self._message())
 
     def ready(self, slot: WorkerSlot) -> None:
@@ -349,21 +198,8 @@ class ControlPlane(WorkerHooks):
         if channel is not None:
             channel.close()
 
-    async def _send_loop(self, channel: _Channel) -> None:
-        with channel.scope:
-            while True:
-                await channel.wake.wait()
-                channel.wake = trio.Event()
-                data, channel.pending = memoryview(channel.pending), b""
-                try:
-                    while data:
-                        sent = await channel.sock.send(data)
-                        data = data[sent:]
-                except OSError:  # the worker is gone; its slot closes the channel
-                    return
-
     def _message(self) -> bytes:
-        return json.dumps(node_state_message(self.upstreams)).encode() + b"\n"
+        return encode_node_states(self.upstreams)
 
     async def _push_loop(self) -> None:
         last_full = trio.current_time()
