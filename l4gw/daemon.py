@@ -23,7 +23,7 @@ import trio
 
 from . import __version__, systemd
 from .acl import SourceACL
-from .admin import AdminHandlers, serve_admin
+from .admin import admin_table, serve_admin
 from .config import Config, ConfigError, ListenerConfig
 from .configfiles import config_as_dict, load_usable_config
 from .discovery import discovery_stats
@@ -182,13 +182,7 @@ class Daemon:
                     services.start_soon(self._handle_signals, signals)
                     services.start_soon(self.sweeper.run)
                     if admin_sock is not None:
-                        handlers = AdminHandlers(
-                            healthy=lambda: not self.draining,
-                            status=self.status,
-                            metrics=self.metrics_text,
-                            config=lambda: config_as_dict(self.config),
-                        )
-                        await services.start(serve_admin, admin_sock, handlers)
+                        await services.start(serve_admin, admin_sock, admin_table(self))
                     async with trio.open_nursery() as connections:
                         if HAVE_REACTOR:
                             # Cancelled with this nursery at the end of the drain: it then
@@ -427,7 +421,15 @@ class Daemon:
             f"{self.active_connections()} connection(s)"
         )
 
-    def status(self) -> dict[str, Any]:
+    def health(self) -> tuple[bool, str]:
+        """``/healthz``: ok until the drain begins."""
+        return (False, "draining") if self.draining else (True, "ok")
+
+    def config_dict(self) -> dict[str, Any]:
+        """``/config``: the running configuration."""
+        return config_as_dict(self.config)
+
+    async def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         return {
             "version": __version__,
@@ -475,7 +477,8 @@ class Daemon:
             "unauthorized_dropped": up.unauthorized_dropped,
         }
 
-    def metrics_text(self) -> str:
+    async def metrics_text(self) -> str:
+        """The ``/metrics`` page."""
         for up in self.upstreams.values():
             up.forget_retired()
         return render_metrics(

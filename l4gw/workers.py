@@ -41,12 +41,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import h11
 import structlog
 import trio
 
 from . import __version__
-from .admin import ADMIN_TIMEOUT, MAX_REQUEST_HEAD, AdminHandlers
+from .admin import admin_table, serve_admin
 from .config import Config, ConfigError
 from .configfiles import config_as_dict, load_usable_config
 from .discovery import discovery_stats
@@ -266,7 +265,7 @@ class ControlPlane(WorkerHooks):
                     # the first state a worker gets holds the nodes found.
                     await self.upstream_set.start(services)
                     if admin_sock is not None:
-                        await services.start(self._serve_admin, admin_sock)
+                        await services.start(serve_admin, admin_sock, admin_table(self))
                     self._pushed = self._message()
                     services.start_soon(self._push_loop)
                     log.info(
@@ -286,7 +285,7 @@ class ControlPlane(WorkerHooks):
                     shutil.rmtree(self._dir, ignore_errors=True)
         return status
 
-    def healthy(self) -> tuple[bool, str]:
+    def health(self) -> tuple[bool, str]:
         """``/healthz``: (ok, reason)."""
         if self.draining:
             return False, "draining"
@@ -296,76 +295,11 @@ class ControlPlane(WorkerHooks):
             return False, "no worker running"
         return True, "ok"
 
-    # -- the admin endpoint ---------------------------------------------------------------
+    # -- the admin endpoint (served by ``admin.serve_admin``) ----------------------------
 
-    async def _serve_admin(
-        self,
-        sock: socket.socket,
-        *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        await trio.serve_listeners(self._admin_connection, [listener], task_status=task_status)
-
-    async def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) of an admin request."""
-        path = target.split("?", 1)[0]
-        if method in ("GET", "HEAD"):
-            if path == "/healthz":
-                ok, reason = self.healthy()
-                return 200 if ok else 503, "text/plain; charset=utf-8", reason.encode() + b"\n"
-            if path == "/status":
-                body = json.dumps(await self.status(), indent=1).encode() + b"\n"
-                return 200, "application/json", body
-            if path == "/metrics":
-                text = await self.metrics_text()
-                return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
-        handlers = AdminHandlers(
-            healthy=lambda: not self.draining,
-            status=dict,
-            metrics=str,
-            config=lambda: config_as_dict(self.config),
-        )
-        return handlers.respond(method, target)
-
-    async def _admin_connection(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        try:
-            with trio.move_on_after(ADMIN_TIMEOUT):
-                while (event := conn.next_event()) is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(4096))
-                if isinstance(event, h11.Request):
-                    try:
-                        status, ctype, body = await self.respond(
-                            event.method.decode("ascii", "replace"),
-                            event.target.decode("ascii", "replace"),
-                        )
-                    except Exception:  # a bug here must not stop the control plane
-                        log.exception("admin_error", target=event.target.decode("ascii", "replace"))
-                        status, ctype = 500, "application/json"
-                        body = b'{"error": "internal error", "status": 500}\n'
-
-                    headers = [
-                        ("content-type", ctype),
-                        ("content-length", str(len(body))),
-                        ("connection", "close"),
-                    ]
-                    data = conn.send(h11.Response(status_code=status, headers=headers))
-                    if event.method != b"HEAD":
-                        data += conn.send(h11.Data(data=body))
-                    await stream.send_all(data + conn.send(h11.EndOfMessage()))
-        except h11.RemoteProtocolError as exc:
-            body = json.dumps({"error": "bad request", "status": exc.error_status_hint}).encode()
-            response = h11.Response(
-                status_code=exc.error_status_hint,
-                headers=[("content-length", str(len(body))), ("connection", "close")],
-            )
-            with contextlib.suppress(trio.BrokenResourceError, h11.LocalProtocolError):
-                await stream.send_all(conn.send(response) + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+    def config_dict(self) -> dict[str, Any]:
+        """``/config``: the control plane's copy of the running configuration."""
+        return config_as_dict(self.config)
 
     async def _fetch_all(self, target: str) -> dict[int, tuple[int, bytes]]:
         """``target`` from every running worker: slot index -> (pid, body). A worker that
