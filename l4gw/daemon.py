@@ -24,20 +24,18 @@ import trio
 from . import __version__, systemd
 from .acl import SourceACL
 from .admin import admin_table, serve_admin
-from .config import Config, ConfigError, ListenerConfig
-from .configfiles import config_as_dict, load_usable_config
-from .discovery import discovery_stats
+from .config import Config, ListenerConfig
+from .configfiles import config_as_dict
 from .errors import BindError
-from .health import find_monitor, node_status
 from .listeners import ConnectionContext, bind_listener, bind_unix_listener, serve_listener
-from .logs import configure_logging
 from .metrics import lifecycle_families, render_metrics, sweeper_families
 from .netaddr import SocketAddress
-from .nodes import NodeState
 from .ratelimit import RateLimiter
 from .reactor import HAVE_REACTOR, Reactor
 from .relay import IdleSweeper, PipePool
+from .reloading import reconfigure_logging, reload_file, warn_start_only
 from .runtime import ListenerRuntime, ListenerStats
+from .statusdoc import local_listener_document, local_upstream_document, process_document
 from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
 
@@ -304,26 +302,11 @@ class Daemon:
             systemd.ready(self.summary())
 
     def _reload(self, path: Path) -> bool:
-        try:
-            new = load_usable_config(path)
-        except ConfigError as exc:
-            self.reload_failures += 1
-            log.error("reload_rejected", file=str(path), problems=exc.problems)
-            return False
-        try:
-            self.apply(new)
-        except BindError as exc:
-            self.reload_failures += 1
-            log.error("reload_rejected", file=str(path), problems=[str(exc)])
-            return False
-        self.reloads += 1
-        log.info(
-            "reloaded",
-            file=str(path),
-            listeners=len(new.listeners),
-            upstreams=len(new.upstreams),
+        return reload_file(
+            self,
+            path,
+            summary=lambda new: {"listeners": len(new.listeners), "upstreams": len(new.upstreams)},
         )
-        return True
 
     def apply(self, new: Config) -> None:
         """Make ``new`` the running configuration without cutting any connection.
@@ -333,8 +316,7 @@ class Daemon:
         refused; removed listeners stop accepting while their connections run on.
         """
         old_daemon = self.config.daemon
-        if new.daemon.admin != old_daemon.admin:
-            log.warning("reload_admin_unchanged", reason="the admin address applies at start")
+        warn_start_only(old_daemon, new.daemon, ["admin"])
         fresh: dict[str, _Listening] = {}
         keep: dict[str, ListenerConfig] = {}
         try:
@@ -359,11 +341,7 @@ class Daemon:
             for item in fresh.values():
                 item.sock.close()
             raise
-        if (new.daemon.log_level, new.daemon.log_format) != (
-            old_daemon.log_level,
-            old_daemon.log_format,
-        ):
-            configure_logging(new.daemon.log_level, new.daemon.log_format)
+        reconfigure_logging(old_daemon, new.daemon)
         self.config = new
         self.upstream_set.apply(new)
         listening: dict[str, _Listening] = {}
@@ -432,49 +410,15 @@ class Daemon:
     async def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "draining": self.draining,
-            "uptime_seconds": round(time.time() - self.started_wall, 3),
-            "reloads": self.reloads,
-            "reload_failures": self.reload_failures,
-            "listeners": [
-                {
-                    "name": name,
-                    "address": str(item.runtime.config.listen),
-                    "mode": item.runtime.config.mode,
-                    "upstream": item.runtime.config.upstream,
-                    "active_connections": item.runtime.stats.active,
-                    "connections_total": sum(item.runtime.stats.outcomes.values()),
-                }
-                for name, item in self.listening.items()
-            ],
-            "upstreams": [self._upstream_status(up) for up in self.upstreams.values()],
-        }
-
-    def _node_status(self, node: NodeState) -> dict[str, Any]:
-        return {
-            "address": node.key,
-            "weight": node.weight,
-            "active_connections": node.active,
-            "connections_total": node.connections_total,
-            "connect_failures": node.connect_failures,
-            "source": node.source,
-            **node_status(node),
-        }
-
-    def _upstream_status(self, up: UpstreamRuntime) -> dict[str, Any]:
-        up.forget_retired()  # a node that left shows as draining only while it has connections
-        monitor = find_monitor(up)
-        discovery = discovery_stats(up)
-        return {
-            "name": up.name,
-            "balance": up.config.balance,
-            "health_check": up.config.health.check,
-            "nodes": [self._node_status(node) for node in up.all_nodes()],
-            "health": monitor.as_dict() if monitor is not None else None,
-            "discovery": discovery.as_dict() if discovery is not None else None,
-            "unauthorized_dropped": up.unauthorized_dropped,
+            **process_document(
+                role=None,
+                draining=self.draining,
+                started_wall=self.started_wall,
+                reloads=self.reloads,
+                reload_failures=self.reload_failures,
+            ),
+            "listeners": [local_listener_document(i.runtime) for i in self.listening.values()],
+            "upstreams": [local_upstream_document(up) for up in self.upstreams.values()],
         }
 
     async def metrics_text(self) -> str:

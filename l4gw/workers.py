@@ -46,13 +46,11 @@ import trio
 
 from . import __version__
 from .admin import admin_table, serve_admin
-from .config import Config, ConfigError
-from .configfiles import config_as_dict, load_usable_config
-from .discovery import discovery_stats
+from .config import Config
+from .configfiles import config_as_dict
 from .errors import BindError
-from .health import find_monitor, node_status
+from .health import find_monitor
 from .listeners import bind_listener
-from .logs import configure_logging
 from .metrics import (
     Family,
     add_families,
@@ -65,7 +63,9 @@ from .metrics import (
 )
 from .netaddr import SocketAddress
 from .nodechannel import ControlEnd, encode_node_states
+from .reloading import reconfigure_logging, reload_file, warn_start_only
 from .runtime import ListenerStats
+from .statusdoc import listener_document, node_document, process_document, upstream_document
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
 from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
@@ -223,27 +223,15 @@ class ControlPlane(WorkerHooks):
     def reload(self) -> bool:
         """Re-read the file for the control plane's own part (upstreams, health, discovery,
         logging); the workers reload it themselves. True when the new config is in force."""
-        try:
-            new = load_usable_config(self.config_path)
-        except ConfigError as exc:
-            self.reload_failures += 1
-            log.error(
-                "reload_rejected", role="control", file=str(self.config_path), problems=exc.problems
-            )
-            return False
-        old = self.config.daemon
-        if new.daemon.admin != old.admin:
-            log.warning("reload_admin_unchanged", reason="the admin address applies at start")
-        if new.daemon.workers != old.workers:
-            log.warning("reload_workers_unchanged", reason="the number of workers applies at start")
-        if (new.daemon.log_level, new.daemon.log_format) != (old.log_level, old.log_format):
-            configure_logging(new.daemon.log_level, new.daemon.log_format)
+        return reload_file(self, self.config_path, fields={"role": "control"})
+
+    def apply(self, new: Config) -> None:
+        """Make ``new`` the control plane's config (raises nothing: it binds no listener)."""
+        warn_start_only(self.config.daemon, new.daemon, ["admin", "workers"])
+        reconfigure_logging(self.config.daemon, new.daemon)
         self.config = new
         self.upstream_set.apply(new)
         self.upstream_set.restart()
-        self.reloads += 1
-        log.info("reloaded", role="control", file=str(self.config_path))
-        return True
 
     # -- serving ------------------------------------------------------------------------
 
@@ -367,23 +355,20 @@ class ControlPlane(WorkerHooks):
         for lc in self.config.listeners:
             entries = by_listener.get(lc.name, [])
             listeners.append(
-                {
-                    "name": lc.name,
-                    "address": str(lc.listen),
-                    "mode": lc.mode,
-                    "upstream": lc.upstream,
-                    "active_connections": _sum_field(entries, "active_connections"),
-                    "connections_total": _sum_field(entries, "connections_total"),
-                }
+                listener_document(
+                    lc,
+                    active=_sum_field(entries, "active_connections"),
+                    total=_sum_field(entries, "connections_total"),
+                )
             )
         return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "role": "control",
-            "draining": self.draining,
-            "uptime_seconds": round(time.time() - self.started_wall, 3),
-            "reloads": self.reloads,
-            "reload_failures": self.reload_failures,
+            **process_document(
+                role="control",
+                draining=self.draining,
+                started_wall=self.started_wall,
+                reloads=self.reloads,
+                reload_failures=self.reload_failures,
+            ),
             "worker_restarts": self.supervisor.restarts,
             "workers": workers,
             "listeners": listeners,
@@ -403,18 +388,14 @@ class ControlPlane(WorkerHooks):
         nodes = []
         for node in up.all_nodes():
             entries = by_node.pop((up.name, node.key), [])
-            nodes.append(
-                {
-                    "address": node.key,
-                    "weight": node.weight,
-                    "active_connections": _sum_field(entries, "active_connections"),
-                    "connections_total": _sum_field(entries, "connections_total"),
-                    "connect_failures": _sum_field(entries, "connect_failures"),
-                    "source": node.source,
-                    **node_status(node),
-                    "ejected_workers": sum(1 for e in entries if e.get("health") == "ejected"),
-                }
+            doc = node_document(
+                node,
+                active=_sum_field(entries, "active_connections"),
+                total=_sum_field(entries, "connections_total"),
+                failures=_sum_field(entries, "connect_failures"),
             )
+            doc["ejected_workers"] = sum(1 for e in entries if e.get("health") == "ejected")
+            nodes.append(doc)
         # Nodes that left here but still carry connections in some worker.
         for (up_name, address), entries in list(by_node.items()):
             if up_name != up.name:
@@ -430,21 +411,12 @@ class ControlPlane(WorkerHooks):
                 }
             )
         monitor = find_monitor(up)
-        health: dict[str, object] | None = monitor.as_dict() if monitor is not None else None
+        health: dict[str, Any] | None = monitor.as_dict() if monitor is not None else None
         if health is not None:
             worker_health = [w["health"] for w in worker_ups if w.get("health")]
             for key in ("ejections_total", "ejections_refused_total"):
                 health[key] = _sum_field(worker_health, key)
-        discovery = discovery_stats(up)
-        return {
-            "name": up.name,
-            "balance": up.config.balance,
-            "health_check": up.config.health.check,
-            "nodes": nodes,
-            "health": health,
-            "discovery": discovery.as_dict() if discovery is not None else None,
-            "unauthorized_dropped": up.unauthorized_dropped,
-        }
+        return upstream_document(up, nodes, health)
 
     def _own_metrics(self) -> str:
         extra = lifecycle_families(self.reloads, self.reload_failures, self.draining)
