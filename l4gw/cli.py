@@ -28,7 +28,7 @@ def _print_problems(path: str, exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .daemon import config_as_dict, config_problems
+    from .configfiles import config_as_dict, config_problems
 
     path = config_path(args.config)
     try:
@@ -67,8 +67,9 @@ def _print_diff(path: str, proposed: dict[str, object], admin: object) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import Daemon, load_usable_config
-    from .listeners import BindError
+    from .configfiles import load_usable_config
+    from .daemon import Daemon
+    from .errors import BindError
     from .logs import configure_logging
     from .resources import capacity_warnings, raise_nofile_limit
     from .systemd import InheritedSockets
@@ -94,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.control_fd is not None:
         import socket
 
-        from .workers import control_service
+        from .nodechannel import control_service
 
         try:
             control = socket.socket(fileno=args.control_fd)

@@ -1,6 +1,6 @@
 """What a reload would change: a readable diff of two configurations. No I/O.
 
-Both sides are the JSON form served at ``/config`` (``daemon.config_as_dict``). Lists whose
+Both sides are the JSON form served at ``/config`` (``configfiles.config_as_dict``). Lists whose
 items have an identity are compared by it — listeners and ``[[authorize]]`` entries by
 ``name``, nodes by ``address``, routes by position — so a re-ordered file shows no change and
 a changed weight shows as one line, not as a removed and an added node.

@@ -13,83 +13,33 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import structlog
 import trio
 
 from . import __version__, systemd
 from .acl import SourceACL
-from .admin import AdminHandlers, serve_admin
-from .config import Config, ConfigError, ListenerConfig, load_config
-from .discovery import discovery_stats
-from .health import find_monitor, node_status
-from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
-from .logs import configure_logging
-from .metrics import lifecycle_families, render_metrics
+from .admin import admin_table, serve_admin
+from .config import Config, ListenerConfig
+from .configfiles import config_as_dict
+from .errors import BindError
+from .listeners import ConnectionContext, bind_listener, bind_unix_listener, serve_listener
+from .metrics import lifecycle_families, render_metrics, sweeper_families
 from .netaddr import SocketAddress
-from .nodes import NodeState
 from .ratelimit import RateLimiter
 from .reactor import HAVE_REACTOR, Reactor
 from .relay import IdleSweeper, PipePool
+from .reloading import reconfigure_logging, reload_file, warn_start_only
 from .runtime import ListenerRuntime, ListenerStats
-from .tls import build_client_context, check_certificates
+from .statusdoc import local_listener_document, local_upstream_document, process_document
 from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.daemon")
-
-
-def config_problems(config: Config) -> list[str]:
-    """Problems that make a parsed config unusable beyond its syntax and values: the files it
-    names (certificates and keys that are unreadable, mismatched, expired or not
-    yet valid; CA files that do not load). Each problem names its key path and file."""
-    problems: list[str] = []
-    for index, lc in enumerate(config.listeners):
-        if lc.tls is not None:
-            problems += [f"listeners[{index}].tls: {p}" for p in check_certificates(lc.tls)]
-    for name, up in config.upstreams.items():
-        if up.tls is not None:
-            try:
-                build_client_context(up.tls)
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(f"upstreams.{name}.tls.ca: cannot load {up.tls.ca}: {exc}")
-    return problems
-
-
-def load_usable_config(path: str | os.PathLike[str]) -> Config:
-    """Load and validate ``path`` for running. Raises ``ConfigError`` listing every problem."""
-    config = load_config(path)
-    problems = config_problems(config)
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, SocketAddress):
-        return str(value)  # "host:port", as written in the file
-    if attrs.has(type(value)):
-        return {f.name: _to_jsonable(getattr(value, f.name)) for f in attrs.fields(type(value))}
-    if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def config_as_dict(config: Config) -> dict[str, Any]:
-    """The running configuration as plain JSON-able data (``/config``, ``check --diff``)."""
-    result = _to_jsonable(config)
-    assert isinstance(result, dict)
-    return result
 
 
 class _Listening:
@@ -213,8 +163,6 @@ class Daemon:
             if admin is not None or self.admin_path is not None:
                 try:
                     if self.admin_path is not None:
-                        from .workers import bind_unix_listener
-
                         admin_sock = bind_unix_listener("admin", self.admin_path)
                     else:
                         assert admin is not None
@@ -232,13 +180,7 @@ class Daemon:
                     services.start_soon(self._handle_signals, signals)
                     services.start_soon(self.sweeper.run)
                     if admin_sock is not None:
-                        handlers = AdminHandlers(
-                            healthy=lambda: not self.draining,
-                            status=self.status,
-                            metrics=self.metrics_text,
-                            config=lambda: config_as_dict(self.config),
-                        )
-                        await services.start(serve_admin, admin_sock, handlers)
+                        await services.start(serve_admin, admin_sock, admin_table(self))
                     async with trio.open_nursery() as connections:
                         if HAVE_REACTOR:
                             # Cancelled with this nursery at the end of the drain: it then
@@ -360,26 +302,11 @@ class Daemon:
             systemd.ready(self.summary())
 
     def _reload(self, path: Path) -> bool:
-        try:
-            new = load_usable_config(path)
-        except ConfigError as exc:
-            self.reload_failures += 1
-            log.error("reload_rejected", file=str(path), problems=exc.problems)
-            return False
-        try:
-            self.apply(new)
-        except BindError as exc:
-            self.reload_failures += 1
-            log.error("reload_rejected", file=str(path), problems=[str(exc)])
-            return False
-        self.reloads += 1
-        log.info(
-            "reloaded",
-            file=str(path),
-            listeners=len(new.listeners),
-            upstreams=len(new.upstreams),
+        return reload_file(
+            self,
+            path,
+            summary=lambda new: {"listeners": len(new.listeners), "upstreams": len(new.upstreams)},
         )
-        return True
 
     def apply(self, new: Config) -> None:
         """Make ``new`` the running configuration without cutting any connection.
@@ -389,8 +316,7 @@ class Daemon:
         refused; removed listeners stop accepting while their connections run on.
         """
         old_daemon = self.config.daemon
-        if new.daemon.admin != old_daemon.admin:
-            log.warning("reload_admin_unchanged", reason="the admin address applies at start")
+        warn_start_only(old_daemon, new.daemon, ["admin"])
         fresh: dict[str, _Listening] = {}
         keep: dict[str, ListenerConfig] = {}
         try:
@@ -415,11 +341,7 @@ class Daemon:
             for item in fresh.values():
                 item.sock.close()
             raise
-        if (new.daemon.log_level, new.daemon.log_format) != (
-            old_daemon.log_level,
-            old_daemon.log_format,
-        ):
-            configure_logging(new.daemon.log_level, new.daemon.log_format)
+        reconfigure_logging(old_daemon, new.daemon)
         self.config = new
         self.upstream_set.apply(new)
         listening: dict[str, _Listening] = {}
@@ -477,55 +399,30 @@ class Daemon:
             f"{self.active_connections()} connection(s)"
         )
 
-    def status(self) -> dict[str, Any]:
+    def health(self) -> tuple[bool, str]:
+        """``/healthz``: ok until the drain begins."""
+        return (False, "draining") if self.draining else (True, "ok")
+
+    def config_dict(self) -> dict[str, Any]:
+        """``/config``: the running configuration."""
+        return config_as_dict(self.config)
+
+    async def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "draining": self.draining,
-            "uptime_seconds": round(time.time() - self.started_wall, 3),
-            "reloads": self.reloads,
-            "reload_failures": self.reload_failures,
-            "listeners": [
-                {
-                    "name": name,
-                    "address": str(item.runtime.config.listen),
-                    "mode": item.runtime.config.mode,
-                    "upstream": item.runtime.config.upstream,
-                    "active_connections": item.runtime.stats.active,
-                    "connections_total": sum(item.runtime.stats.outcomes.values()),
-                }
-                for name, item in self.listening.items()
-            ],
-            "upstreams": [self._upstream_status(up) for up in self.upstreams.values()],
+            **process_document(
+                role=None,
+                draining=self.draining,
+                started_wall=self.started_wall,
+                reloads=self.reloads,
+                reload_failures=self.reload_failures,
+            ),
+            "listeners": [local_listener_document(i.runtime) for i in self.listening.values()],
+            "upstreams": [local_upstream_document(up) for up in self.upstreams.values()],
         }
 
-    def _node_status(self, node: NodeState) -> dict[str, Any]:
-        return {
-            "address": node.key,
-            "weight": node.weight,
-            "active_connections": node.active,
-            "connections_total": node.connections_total,
-            "connect_failures": node.connect_failures,
-            "source": node.source,
-            **node_status(node),
-        }
-
-    def _upstream_status(self, up: UpstreamRuntime) -> dict[str, Any]:
-        up.forget_retired()  # a node that left shows as draining only while it has connections
-        monitor = find_monitor(up)
-        discovery = discovery_stats(up)
-        return {
-            "name": up.name,
-            "balance": up.config.balance,
-            "health_check": up.config.health.check,
-            "nodes": [self._node_status(node) for node in up.all_nodes()],
-            "health": monitor.as_dict() if monitor is not None else None,
-            "discovery": discovery.as_dict() if discovery is not None else None,
-            "unauthorized_dropped": up.unauthorized_dropped,
-        }
-
-    def metrics_text(self) -> str:
+    async def metrics_text(self) -> str:
+        """The ``/metrics`` page."""
         for up in self.upstreams.values():
             up.forget_retired()
         return render_metrics(
@@ -536,19 +433,7 @@ class Daemon:
             ],
             extra=[
                 *lifecycle_families(self.reloads, self.reload_failures, self.draining),
-                (
-                    "l4gw_drained_after_reload_total",
-                    "counter",
-                    "Connections closed drain_timeout after a reload removed their node or "
-                    "listener.",
-                    [({}, self.sweeper.closed_drained)],
-                ),
-                (
-                    "l4gw_idle_timeouts_total",
-                    "counter",
-                    "Connections closed by idle_timeout.",
-                    [({}, self.sweeper.closed_idle)],
-                ),
+                *sweeper_families(self.sweeper.closed_drained, self.sweeper.closed_idle),
                 *self.upstream_set.metric_families(),
             ],
         )

@@ -1,4 +1,5 @@
-"""Errors that decide what a client gets; each carries the outcome and an HTTP status hint."""
+"""Errors that decide what a client gets (each carries the outcome and an HTTP status hint),
+and ``BindError``, raised at start or on a reload when a listening socket cannot be opened."""
 
 from __future__ import annotations
 
@@ -26,3 +27,7 @@ class UpstreamConnectError(GatewayError):
 
     outcome = "connect_failed"
     status_hint = 502
+
+
+class BindError(Exception):
+    """A listening socket could not be opened; the message names the listener and address."""

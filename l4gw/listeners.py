@@ -8,7 +8,9 @@ of refused connections costs one ``accept`` and one ``close`` each.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,7 @@ import trio
 
 from . import logs
 from .connect import NodeConnector, open_node_connection
-from .errors import GatewayError
+from .errors import BindError, GatewayError
 from .netaddr import SocketAddress
 from .nodes import NodeState
 from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
@@ -45,10 +47,6 @@ PROXY_HEADER_TIMEOUT = 5.0
 _TASK_NAME = "l4gw.connection"
 #: How long a TLS client may take to finish its handshake.
 TLS_HANDSHAKE_TIMEOUT = 10.0
-
-
-class BindError(Exception):
-    """A listening socket could not be opened; the message names the listener and address."""
 
 
 def bind_listener(
@@ -77,6 +75,23 @@ def bind_listener(
         sock.close()
         reason = exc.strerror or str(exc)
         raise BindError(f"listener {name}: cannot listen on {address}: {reason}") from exc
+    return sock
+
+
+def bind_unix_listener(name: str, path: str) -> socket.socket:
+    """Open a non-blocking listening Unix stream socket at ``path`` (a stale socket file there
+    is replaced). Raises ``BindError``. The caller owns the socket (and the file)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise BindError(f"listener {name}: cannot listen on {path}: {reason}") from exc
     return sock
 
 

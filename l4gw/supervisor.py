@@ -530,15 +530,3 @@ class Supervisor:
                 self.reload()
             else:
                 self.stop(signum)
-
-
-async def supervise(
-    argv_for_worker: Callable[[int], list[str]],
-    n: int,
-    *,
-    env: Mapping[str, str] | None = None,
-    inherited: Sequence[tuple[socket.socket, str | None]] = (),
-) -> int:
-    """Run ``n`` workers under a ``Supervisor`` until SIGTERM/SIGINT; returns the exit status
-    for ``l4gw run`` (0 after a clean stop, 1 when a worker could not start)."""
-    return await Supervisor(argv_for_worker, n, env=env, inherited=inherited).run()

@@ -18,27 +18,10 @@ from .acl import BackendAuthorization
 from .config import Config
 from .discovery import discovery_stats, serve_discovery
 from .health import find_monitor, nodes_changed, serve_health
-from .metrics import MetricFamily
+from .metrics import DISCOVERY_COUNTERS, HEALTH_COUNTERS, Metric, MetricFamily, Sample
 from .upstream import UpstreamRuntime
 
 Service = Callable[..., Awaitable[object]]
-
-#: as_dict() key -> (metric name, help) for the health monitor and discovery counters.
-HEALTH_COUNTERS = {
-    "checks_total": ("l4gw_health_checks_total", "Active health checks run."),
-    "checks_failed_total": ("l4gw_health_checks_failed_total", "Active health checks failed."),
-    "ejections_total": ("l4gw_ejections_total", "Passive ejections of nodes."),
-    "ejections_refused_total": (
-        "l4gw_ejections_refused_total",
-        "Ejections not made because max_ejected_percent was reached.",
-    ),
-}
-DISCOVERY_COUNTERS = {
-    "lookups_total": ("l4gw_discovery_lookups_total", "DNS discovery lookups."),
-    "failures_total": ("l4gw_discovery_failures_total", "DNS lookups that failed."),
-    "empty_total": ("l4gw_discovery_empty_total", "DNS answers with no usable address."),
-    "changes_total": ("l4gw_discovery_changes_total", "DNS answers that changed the node set."),
-}
 
 
 class UpstreamSet:
@@ -110,19 +93,19 @@ class UpstreamSet:
         """Counter families of the health monitors and DNS discovery, one sample per
         upstream (for ``/metrics``)."""
         families: list[MetricFamily] = []
-        sources: list[tuple[Callable[[UpstreamRuntime], Any], dict[str, tuple[str, str]]]] = [
+        sources: list[tuple[Callable[[UpstreamRuntime], Any], dict[str, Metric]]] = [
             (find_monitor, HEALTH_COUNTERS),
             (discovery_stats, DISCOVERY_COUNTERS),
         ]
         for find, counters in sources:
             found = [(up.name, find(up)) for up in self.runtimes.values()]
-            for key, (name, help_text) in counters.items():
-                samples: list[tuple[dict[str, object], float]] = [
+            for key, metric in counters.items():
+                samples: list[Sample] = [
                     ({"upstream": up_name}, obj.as_dict()[key])
                     for up_name, obj in found
                     if obj is not None
                 ]
-                families.append((name, "counter", help_text, samples))
+                families.append(metric.family(samples))
         return families
 
     async def _run(

@@ -13,20 +13,12 @@ traffic. In one trio process it runs
   ``/metrics`` for the whole daemon, merged from each worker's private admin endpoint (a Unix
   socket in a private temporary directory) and its own health state, ``/config`` its own.
 
-Node state push: each worker has one Unix stream socket pair to the control plane (its end
-passed at ``--control-fd``). The control plane sends one JSON line per change of the node set
-or of an active check verdict (looked at every ``PUSH_POLL``), the full state every
-``PUSH_FULL`` and at once when a worker starts or answers READY=1::
-
-    {"upstreams": {"web": [{"address": "10.0.1.10:80", "weight": 10, "source": "static",
-                            "check_up": true}, ...]}}
-
-A worker (``control_service``) applies it before its listeners accept (waiting up to
-``FIRST_SNAPSHOT_WAIT`` for the first line), then as lines come: DNS nodes through
-``UpstreamRuntime.set_discovered``, ``check_up`` on each node, ``healthy = check_up and not
-ejected``. Workers run no discovery and no active probes (``serve_health(probes=False)``);
-passive ejection stays local to each worker, from its own connect failures. When the control
-plane goes away (the socket reaches EOF), a worker drains and exits.
+Node state push (``l4gw.nodechannel``): each worker has one Unix stream socket pair to the
+control plane. The control plane sends the node state (one JSON line) when it changes (looked
+at every ``PUSH_POLL``), the full state every ``PUSH_FULL`` and at once when a worker starts or
+answers READY=1. Workers run no discovery and no active probes
+(``serve_health(probes=False)``); passive ejection stays local to each worker, from its own
+connect failures. When the control plane goes away, a worker drains and exits.
 
 Signals to the control plane: SIGHUP reloads its own copy of the file (a bad file is logged
 and the old config stays) and is forwarded to every worker, which reloads the same file;
@@ -45,31 +37,38 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import attrs
-import h11
 import structlog
 import trio
 
 from . import __version__
-from .admin import ADMIN_TIMEOUT, MAX_REQUEST_HEAD, AdminHandlers
-from .config import Config, ConfigError
-from .discovery import discovery_stats
-from .health import find_monitor, node_status, nodes_changed
-from .listeners import BACKLOG, BindError, bind_listener
-from .logs import configure_logging
-from .metrics import lifecycle_families, render_metrics
-from .netaddr import SocketAddress, parse_socket_address
+from .admin import admin_table, serve_admin
+from .config import Config
+from .configfiles import config_as_dict
+from .errors import BindError
+from .health import find_monitor
+from .listeners import bind_listener
+from .metrics import (
+    Family,
+    add_families,
+    cumulative_families,
+    lifecycle_families,
+    merge_metrics,
+    parse_metrics,
+    render_metrics,
+    worker_families,
+)
+from .netaddr import SocketAddress
+from .nodechannel import ControlEnd, encode_node_states
+from .reloading import reconfigure_logging, reload_file, warn_start_only
 from .runtime import ListenerStats
+from .statusdoc import listener_document, node_document, process_document, upstream_document
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
 from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 log = structlog.get_logger("l4gw.workers")
 
@@ -77,246 +76,8 @@ log = structlog.get_logger("l4gw.workers")
 PUSH_POLL = 0.2
 #: The full node state is pushed at least this often, changed or not.
 PUSH_FULL = 5.0
-#: A starting worker waits this long for the first node state before it accepts anyway.
-FIRST_SNAPSHOT_WAIT = 5.0
 #: Time limit of one request to a worker's private admin endpoint.
 WORKER_FETCH_TIMEOUT = 2.0
-
-#: Metric families the control plane answers from its own state; every other family is the
-#: sum over the workers (samples with the same name and labels added up).
-CONTROL_FAMILIES = frozenset(
-    {
-        "l4gw_node_healthy",
-        "l4gw_node_weight",
-        "l4gw_unauthorized_nodes_dropped_total",
-        "l4gw_reloads_total",
-        "l4gw_reload_failures_total",
-        "l4gw_draining",
-        "l4gw_health_checks_total",
-        "l4gw_health_checks_failed_total",
-        "l4gw_discovery_lookups_total",
-        "l4gw_discovery_failures_total",
-        "l4gw_discovery_empty_total",
-        "l4gw_discovery_changes_total",
-        "l4gw_workers",
-        "l4gw_worker_restarts_total",
-    }
-)
-#: Family types whose samples only grow: kept from workers that exited (see ``_retire``).
-_CUMULATIVE = ("counter", "histogram")
-
-
-def bind_unix_listener(name: str, path: str) -> socket.socket:
-    """A non-blocking listening Unix stream socket at ``path`` (a stale one is replaced).
-    Raises ``BindError``."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock.bind(path)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        raise BindError(f"listener {name}: cannot listen on {path}: {reason}") from exc
-    return sock
-
-
-# -- the node state messages ----------------------------------------------------------------
-
-
-def node_state_message(upstreams: Mapping[str, UpstreamRuntime]) -> dict[str, Any]:
-    """What the control plane pushes: every in-service node with its active check verdict."""
-    return {
-        "upstreams": {
-            name: [
-                {
-                    "address": node.key,
-                    "weight": node.weight,
-                    "source": node.source,
-                    "check_up": node.check_up,
-                }
-                for node in up.nodes
-            ]
-            for name, up in upstreams.items()
-        }
-    }
-
-
-def apply_node_states(upstreams: Mapping[str, UpstreamRuntime], message: Mapping[str, Any]) -> None:
-    """Apply a pushed node state in a worker. Upstreams and nodes the worker does not know
-    (its file was reloaded at another moment) are skipped; DNS nodes are taken only where
-    the worker's own config has discovery for that upstream."""
-    pushed = message.get("upstreams")
-    if not isinstance(pushed, dict):
-        raise ValueError("no upstreams object")
-    for name, entries in pushed.items():
-        up = upstreams.get(name)
-        if up is None:
-            continue
-        verdicts: dict[str, bool] = {}
-        found: list[tuple[SocketAddress, int]] = []
-        for entry in entries:
-            verdicts[str(entry["address"])] = bool(entry["check_up"])
-            if entry["source"] == "dns":
-                found.append((parse_socket_address(entry["address"]), int(entry["weight"])))
-        added = False
-        if up.config.discovery is not None:
-            current = sorted((n.address, n.weight) for n in up.nodes if n.source == "dns")
-            if sorted(found) != current:
-                up.set_discovered(found)
-                added = True
-        for node in up.nodes:
-            verdict = verdicts.get(node.key)
-            if verdict is not None:
-                node.check_up = verdict
-                node.healthy = verdict and node.ejected_until is None
-        if added:
-            nodes_changed(up)  # the new nodes already carry their verdict
-
-
-class _LineReader:
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-
-    async def readline(self) -> bytes | None:
-        """The next line (without its newline), or None at EOF."""
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[: end + 1]
-                return line
-            try:
-                data = await self.sock.recv(1 << 16)
-            except OSError:  # ECONNRESET: the other end is gone as well
-                return None
-            if not data:
-                return None
-            self.buffer += data
-
-
-def control_service(sock: socket.socket) -> Callable[..., Awaitable[None]]:
-    """The worker's side of the control channel, as a ``Daemon`` extra service: it reports
-    started once the first node state is applied (or after ``FIRST_SNAPSHOT_WAIT``), then
-    applies every line; at EOF (the control plane is gone) it stops the daemon gracefully."""
-
-    async def serve_control(
-        daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        reader = _LineReader(trio.socket.from_stdlib_socket(sock))
-
-        def apply(line: bytes) -> None:
-            try:
-                apply_node_states(daemon.upstreams, json.loads(line))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.warning("control_message_bad", error=repr(exc))
-
-        eof = False
-        with trio.move_on_after(FIRST_SNAPSHOT_WAIT) as first:
-            line = await reader.readline()
-            if line is None:
-                eof = True
-            else:
-                apply(line)
-        if first.cancelled_caught:
-            log.warning("control_state_late", waited=FIRST_SNAPSHOT_WAIT)
-        task_status.started()
-        while not eof:
-            line = await reader.readline()
-            if line is None:
-                break
-            apply(line)
-        log.warning("control_channel_closed", reason="the control plane is gone; stopping")
-        daemon.stop()
-
-    return serve_control
-
-
-# -- Prometheus text ----------------------------------------------------------------------
-
-Number = int | float
-
-
-@attrs.define
-class Family:
-    """One metric family of a ``/metrics`` page: samples keyed by ``name{labels}``."""
-
-    name: str
-    kind: str = "untyped"
-    help: str = ""
-    samples: dict[str, Number] = attrs.field(factory=dict)
-
-
-def _number(text: str) -> Number:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def parse_metrics(text: str) -> dict[str, Family]:
-    """The families of a page in l4gw's own exposition format (``# HELP``/``# TYPE`` before
-    the samples of each family), in order. Samples repeated within a page are added up."""
-    families: dict[str, Family] = {}
-    current: Family | None = None
-    for line in text.splitlines():
-        if line.startswith(("# HELP ", "# TYPE ")):
-            name, _, rest = line[7:].partition(" ")
-            current = families.setdefault(name, Family(name))
-            if line.startswith("# HELP "):
-                current.help = rest
-            else:
-                current.kind = rest
-        elif line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            if current is None or not key.startswith(current.name):
-                base = key.split("{", 1)[0]
-                current = families.setdefault(base, Family(base))
-            current.samples[key] = current.samples.get(key, 0) + _number(value)
-    return families
-
-
-def _add_into(target: dict[str, Family], families: Iterable[Family]) -> None:
-    for family in families:
-        into = target.get(family.name)
-        if into is None:
-            into = target[family.name] = Family(family.name, family.kind, family.help)
-        for key, value in family.samples.items():
-            into.samples[key] = into.samples.get(key, 0) + value
-
-
-def _render_value(value: Number) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def merge_metrics(
-    control: Mapping[str, Family],
-    workers: Iterable[Mapping[str, Family]],
-    retired: Mapping[str, Family] = {},
-) -> str:
-    """One page: ``CONTROL_FAMILIES`` from ``control``, every other family summed over
-    ``workers`` plus ``retired`` (counters of workers that exited). Families keep the order
-    of ``control``, then of the workers."""
-    summed: dict[str, Family] = {}
-    for page in workers:
-        _add_into(summed, page.values())
-    _add_into(summed, retired.values())
-    order = list(control)
-    order += [name for name in summed if name not in control]
-    lines: list[str] = []
-    for name in order:
-        source = control if name in CONTROL_FAMILIES else summed
-        header = control.get(name) or summed[name]
-        family = source.get(name)
-        lines.append(f"# HELP {name} {header.help}")
-        lines.append(f"# TYPE {name} {header.kind}")
-        if family is not None:
-            lines += [f"{key} {_render_value(value)}" for key, value in family.samples.items()]
-    return "\n".join(lines) + "\n"
-
 
 # -- the worker's private admin endpoint ----------------------------------------------------
 
@@ -339,30 +100,6 @@ def _sum_field(entries: Iterable[Mapping[str, Any]], key: str) -> int:
 
 
 # -- the control plane ----------------------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class _Channel:
-    """The control plane's end of one worker process's control socket pair."""
-
-    sock: trio.socket.SocketType
-    #: The worker's end, open in this process only until the worker is started.
-    child: socket.socket | None
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    wake: trio.Event = attrs.field(factory=trio.Event)
-    pending: bytes = b""
-
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` (a whole state: it replaces one not sent yet)."""
-        self.pending = data
-        self.wake.set()
-
-    def close(self) -> None:
-        self.scope.cancel()
-        if self.child is not None:
-            self.child.close()
-            self.child = None
-        self.sock.close()
 
 
 class ControlPlane(WorkerHooks):
@@ -388,7 +125,7 @@ class ControlPlane(WorkerHooks):
         self.admin_address: SocketAddress | None = None
         #: Private directory (mode 0700) of the workers' admin sockets, made by ``run``.
         self._dir = ""
-        self._channels: dict[int, _Channel] = {}
+        self._channels: dict[int, ControlEnd] = {}
         self._services: trio.Nursery | None = None
         #: slot index -> (pid, cumulative families of its last /metrics page).
         self._counters: dict[int, tuple[int, dict[str, Family]]] = {}
@@ -422,20 +159,18 @@ class ControlPlane(WorkerHooks):
 
     def pass_fds(self, slot: WorkerSlot) -> list[int]:
         self._close_channel(slot.index)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel = _Channel(trio.socket.from_stdlib_socket(parent), child)
+        channel = ControlEnd.open()
         self._channels[slot.index] = channel
-        return [child.fileno()]
+        assert channel.child is not None
+        return [channel.child.fileno()]
 
     def spawned(self, slot: WorkerSlot) -> None:
         channel = self._channels.get(slot.index)
         if channel is None:
             return
-        if channel.child is not None:
-            channel.child.close()  # the worker has its copy: EOF there once we are gone
-            channel.child = None
+        channel.worker_started()  # the worker has its copy: EOF there once we are gone
         assert self._services is not None
-        self._services.start_soon(self._send_loop, channel)
+        self._services.start_soon(channel.serve)
         channel.send(self._message())
 
     def ready(self, slot: WorkerSlot) -> None:
@@ -447,7 +182,7 @@ class ControlPlane(WorkerHooks):
         self._close_channel(slot.index)
         cached = self._counters.pop(slot.index, None)
         if cached is not None:
-            _add_into(self._retired, cached[1].values())
+            add_families(self._retired, cached[1].values())
 
     def signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -462,21 +197,8 @@ class ControlPlane(WorkerHooks):
         if channel is not None:
             channel.close()
 
-    async def _send_loop(self, channel: _Channel) -> None:
-        with channel.scope:
-            while True:
-                await channel.wake.wait()
-                channel.wake = trio.Event()
-                data, channel.pending = memoryview(channel.pending), b""
-                try:
-                    while data:
-                        sent = await channel.sock.send(data)
-                        data = data[sent:]
-                except OSError:  # the worker is gone; its slot closes the channel
-                    return
-
     def _message(self) -> bytes:
-        return json.dumps(node_state_message(self.upstreams)).encode() + b"\n"
+        return encode_node_states(self.upstreams)
 
     async def _push_loop(self) -> None:
         last_full = trio.current_time()
@@ -501,29 +223,15 @@ class ControlPlane(WorkerHooks):
     def reload(self) -> bool:
         """Re-read the file for the control plane's own part (upstreams, health, discovery,
         logging); the workers reload it themselves. True when the new config is in force."""
-        from .daemon import load_usable_config
+        return reload_file(self, self.config_path, fields={"role": "control"})
 
-        try:
-            new = load_usable_config(self.config_path)
-        except ConfigError as exc:
-            self.reload_failures += 1
-            log.error(
-                "reload_rejected", role="control", file=str(self.config_path), problems=exc.problems
-            )
-            return False
-        old = self.config.daemon
-        if new.daemon.admin != old.admin:
-            log.warning("reload_admin_unchanged", reason="the admin address applies at start")
-        if new.daemon.workers != old.workers:
-            log.warning("reload_workers_unchanged", reason="the number of workers applies at start")
-        if (new.daemon.log_level, new.daemon.log_format) != (old.log_level, old.log_format):
-            configure_logging(new.daemon.log_level, new.daemon.log_format)
+    def apply(self, new: Config) -> None:
+        """Make ``new`` the control plane's config (raises nothing: it binds no listener)."""
+        warn_start_only(self.config.daemon, new.daemon, ["admin", "workers"])
+        reconfigure_logging(self.config.daemon, new.daemon)
         self.config = new
         self.upstream_set.apply(new)
         self.upstream_set.restart()
-        self.reloads += 1
-        log.info("reloaded", role="control", file=str(self.config_path))
-        return True
 
     # -- serving ------------------------------------------------------------------------
 
@@ -545,7 +253,7 @@ class ControlPlane(WorkerHooks):
                     # the first state a worker gets holds the nodes found.
                     await self.upstream_set.start(services)
                     if admin_sock is not None:
-                        await services.start(self._serve_admin, admin_sock)
+                        await services.start(serve_admin, admin_sock, admin_table(self))
                     self._pushed = self._message()
                     services.start_soon(self._push_loop)
                     log.info(
@@ -565,7 +273,7 @@ class ControlPlane(WorkerHooks):
                     shutil.rmtree(self._dir, ignore_errors=True)
         return status
 
-    def healthy(self) -> tuple[bool, str]:
+    def health(self) -> tuple[bool, str]:
         """``/healthz``: (ok, reason)."""
         if self.draining:
             return False, "draining"
@@ -575,78 +283,11 @@ class ControlPlane(WorkerHooks):
             return False, "no worker running"
         return True, "ok"
 
-    # -- the admin endpoint ---------------------------------------------------------------
+    # -- the admin endpoint (served by ``admin.serve_admin``) ----------------------------
 
-    async def _serve_admin(
-        self,
-        sock: socket.socket,
-        *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        await trio.serve_listeners(self._admin_connection, [listener], task_status=task_status)
-
-    async def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) of an admin request."""
-        path = target.split("?", 1)[0]
-        if method in ("GET", "HEAD"):
-            if path == "/healthz":
-                ok, reason = self.healthy()
-                return 200 if ok else 503, "text/plain; charset=utf-8", reason.encode() + b"\n"
-            if path == "/status":
-                body = json.dumps(await self.status(), indent=1).encode() + b"\n"
-                return 200, "application/json", body
-            if path == "/metrics":
-                text = await self.metrics_text()
-                return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
-        from .daemon import config_as_dict
-
-        handlers = AdminHandlers(
-            healthy=lambda: not self.draining,
-            status=dict,
-            metrics=str,
-            config=lambda: config_as_dict(self.config),
-        )
-        return handlers.respond(method, target)
-
-    async def _admin_connection(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        try:
-            with trio.move_on_after(ADMIN_TIMEOUT):
-                while (event := conn.next_event()) is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(4096))
-                if isinstance(event, h11.Request):
-                    try:
-                        status, ctype, body = await self.respond(
-                            event.method.decode("ascii", "replace"),
-                            event.target.decode("ascii", "replace"),
-                        )
-                    except Exception:  # a bug here must not stop the control plane
-                        log.exception("admin_error", target=event.target.decode("ascii", "replace"))
-                        status, ctype = 500, "application/json"
-                        body = b'{"error": "internal error", "status": 500}\n'
-
-                    headers = [
-                        ("content-type", ctype),
-                        ("content-length", str(len(body))),
-                        ("connection", "close"),
-                    ]
-                    data = conn.send(h11.Response(status_code=status, headers=headers))
-                    if event.method != b"HEAD":
-                        data += conn.send(h11.Data(data=body))
-                    await stream.send_all(data + conn.send(h11.EndOfMessage()))
-        except h11.RemoteProtocolError as exc:
-            body = json.dumps({"error": "bad request", "status": exc.error_status_hint}).encode()
-            response = h11.Response(
-                status_code=exc.error_status_hint,
-                headers=[("content-length", str(len(body))), ("connection", "close")],
-            )
-            with contextlib.suppress(trio.BrokenResourceError, h11.LocalProtocolError):
-                await stream.send_all(conn.send(response) + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+    def config_dict(self) -> dict[str, Any]:
+        """``/config``: the control plane's copy of the running configuration."""
+        return config_as_dict(self.config)
 
     async def _fetch_all(self, target: str) -> dict[int, tuple[int, bytes]]:
         """``target`` from every running worker: slot index -> (pid, body). A worker that
@@ -714,23 +355,20 @@ class ControlPlane(WorkerHooks):
         for lc in self.config.listeners:
             entries = by_listener.get(lc.name, [])
             listeners.append(
-                {
-                    "name": lc.name,
-                    "address": str(lc.listen),
-                    "mode": lc.mode,
-                    "upstream": lc.upstream,
-                    "active_connections": _sum_field(entries, "active_connections"),
-                    "connections_total": _sum_field(entries, "connections_total"),
-                }
+                listener_document(
+                    lc,
+                    active=_sum_field(entries, "active_connections"),
+                    total=_sum_field(entries, "connections_total"),
+                )
             )
         return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "role": "control",
-            "draining": self.draining,
-            "uptime_seconds": round(time.time() - self.started_wall, 3),
-            "reloads": self.reloads,
-            "reload_failures": self.reload_failures,
+            **process_document(
+                role="control",
+                draining=self.draining,
+                started_wall=self.started_wall,
+                reloads=self.reloads,
+                reload_failures=self.reload_failures,
+            ),
             "worker_restarts": self.supervisor.restarts,
             "workers": workers,
             "listeners": listeners,
@@ -750,18 +388,14 @@ class ControlPlane(WorkerHooks):
         nodes = []
         for node in up.all_nodes():
             entries = by_node.pop((up.name, node.key), [])
-            nodes.append(
-                {
-                    "address": node.key,
-                    "weight": node.weight,
-                    "active_connections": _sum_field(entries, "active_connections"),
-                    "connections_total": _sum_field(entries, "connections_total"),
-                    "connect_failures": _sum_field(entries, "connect_failures"),
-                    "source": node.source,
-                    **node_status(node),
-                    "ejected_workers": sum(1 for e in entries if e.get("health") == "ejected"),
-                }
+            doc = node_document(
+                node,
+                active=_sum_field(entries, "active_connections"),
+                total=_sum_field(entries, "connections_total"),
+                failures=_sum_field(entries, "connect_failures"),
             )
+            doc["ejected_workers"] = sum(1 for e in entries if e.get("health") == "ejected")
+            nodes.append(doc)
         # Nodes that left here but still carry connections in some worker.
         for (up_name, address), entries in list(by_node.items()):
             if up_name != up.name:
@@ -777,35 +411,18 @@ class ControlPlane(WorkerHooks):
                 }
             )
         monitor = find_monitor(up)
-        health: dict[str, object] | None = monitor.as_dict() if monitor is not None else None
+        health: dict[str, Any] | None = monitor.as_dict() if monitor is not None else None
         if health is not None:
             worker_health = [w["health"] for w in worker_ups if w.get("health")]
             for key in ("ejections_total", "ejections_refused_total"):
                 health[key] = _sum_field(worker_health, key)
-        discovery = discovery_stats(up)
-        return {
-            "name": up.name,
-            "balance": up.config.balance,
-            "health_check": up.config.health.check,
-            "nodes": nodes,
-            "health": health,
-            "discovery": discovery.as_dict() if discovery is not None else None,
-            "unauthorized_dropped": up.unauthorized_dropped,
-        }
+        return upstream_document(up, nodes, health)
 
     def _own_metrics(self) -> str:
         extra = lifecycle_families(self.reloads, self.reload_failures, self.draining)
         extra += self.upstream_set.metric_families()
         running = sum(1 for slot in self.supervisor.slots if slot.running)
-        extra.append(("l4gw_workers", "gauge", "Worker processes running.", [({}, running)]))
-        extra.append(
-            (
-                "l4gw_worker_restarts_total",
-                "counter",
-                "Worker processes restarted after they exited.",
-                [({}, self.supervisor.restarts)],
-            )
-        )
+        extra += worker_families(running, self.supervisor.restarts)
         for up in self.upstreams.values():
             up.forget_retired()
         return render_metrics(
@@ -821,8 +438,7 @@ class ControlPlane(WorkerHooks):
         for index, (pid, body) in (await self._fetch_all("/metrics")).items():
             page = parse_metrics(body.decode("utf-8", "replace"))
             pages.append(page)
-            cumulative = {n: f for n, f in page.items() if f.kind in _CUMULATIVE}
-            self._counters[index] = (pid, cumulative)
+            self._counters[index] = (pid, cumulative_families(page))
         return merge_metrics(parse_metrics(self._own_metrics()), pages, self._retired)
 
 

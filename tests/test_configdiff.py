@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from l4gw.config import load_config
 from l4gw.configdiff import diff_configs
-from l4gw.daemon import config_as_dict
+from l4gw.configfiles import config_as_dict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "conf.toml.example"
 

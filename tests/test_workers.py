@@ -19,16 +19,11 @@ import pytest
 import trio
 
 from l4gw.config import parse_config
+from l4gw.metrics import CONTROL_FAMILIES, merge_metrics, parse_metrics
 from l4gw.netaddr import SocketAddress
+from l4gw.nodechannel import apply_node_states, node_state_message
 from l4gw.supervisor import worker_count
 from l4gw.upstream import UpstreamRuntime
-from l4gw.workers import (
-    CONTROL_FAMILIES,
-    apply_node_states,
-    merge_metrics,
-    node_state_message,
-    parse_metrics,
-)
 
 from .conftest import DaemonFactory, RunningDaemon, free_port, open_client, read_line
 
