@@ -243,7 +243,7 @@ class Daemon:
                         if HAVE_REACTOR:
                             # Cancelled with this nursery at the end of the drain: it then
                             # closes every connection still open.
-                            self.reactor = Reactor(self.pool)
+                            self.reactor = Reactor()
                             connections.start_soon(self.reactor.run)
                         self._ctx = ConnectionContext(
                             connections, self.pool, self.sweeper, self.reactor

@@ -452,6 +452,7 @@ def _start_proxy_tcp(
             node_sock,
             upstream.config.idle_timeout,
             _finisher(listener, client, node, sweeper, started, b""),
+            pipes=ctx.pool,
         )
         sweeper.add(relay, listener=listener.name, node=node)
         relay.start(node_mask=mask, read_now=True)
@@ -490,7 +491,7 @@ async def _proxy_tcp(
     sweeper = ctx.sweeper
     finish = _finisher(listener, client, node, sweeper, started, early)
     if ctx.reactor is not None:
-        relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish)
+        relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish, pipes=ctx.pool)
         sweeper.add(relay, listener=listener.name, node=node)
         relay.start(read_now=True)
     else:

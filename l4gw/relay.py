@@ -251,10 +251,22 @@ class SocketRelay(Relay):
 
     Resource handling: owns both sockets from construction; ``start`` hands them to the
     reactor; they are unregistered, then closed, when both directions are done or on
-    ``abort``, after which ``on_finish`` runs once.
+    ``abort``, after which ``on_finish`` runs once. Splice pipes are borrowed from ``pipes``
+    (owned by whoever created it, the daemon) only while bytes are in flight.
     """
 
-    __slots__ = ("cfd", "client", "cmask", "down", "nfd", "nmask", "node", "reactor", "up")
+    __slots__ = (
+        "cfd",
+        "client",
+        "cmask",
+        "down",
+        "nfd",
+        "nmask",
+        "node",
+        "pipes",
+        "reactor",
+        "up",
+    )
 
     def __init__(
         self,
@@ -263,9 +275,12 @@ class SocketRelay(Relay):
         node: socket.socket,
         idle_timeout: float,
         on_finish: Callable[[Relay], None],
+        *,
+        pipes: PipePool,
     ) -> None:
         super().__init__(idle_timeout, on_finish)
         self.reactor = reactor
+        self.pipes = pipes
         self.client = client
         self.node = node
         self.cfd = client.fileno()
@@ -284,9 +299,8 @@ class SocketRelay(Relay):
         if reactor.stopped:
             self.abort("shutdown")
             return
-        reactor.handlers[self.cfd] = self
-        reactor.handlers[self.nfd] = self
-        reactor.relays.add(self)
+        reactor.attach(self.cfd, self)
+        reactor.attach(self.nfd, self)
         self._sync()
         if read_now and not self.closed:
             self._pump(self.up)
@@ -346,7 +360,7 @@ class SocketRelay(Relay):
             self._sync()
 
     def _splice_in(self, flow: _Flow) -> None:
-        pool = self.reactor.pool
+        pool = self.pipes
         splice = os.splice
         try:
             pipe = pool.acquire()
@@ -404,7 +418,7 @@ class SocketRelay(Relay):
             if flow.left:
                 return
             flow.pipe = None
-            self.reactor.pool.release(pipe)
+            self.pipes.release(pipe)
         else:
             pending = flow.pending
             if pending is None:
@@ -483,8 +497,7 @@ class SocketRelay(Relay):
         for fd, mask in ((self.cfd, self.cmask), (self.nfd, self.nmask)):
             reactor.forget(fd, mask)
         self.cmask = self.nmask = 0
-        reactor.relays.discard(self)
-        pool = reactor.pool
+        pool = self.pipes
         for flow in (self.up, self.down):
             pipe = flow.pipe
             if pipe is not None:

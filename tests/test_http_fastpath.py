@@ -33,7 +33,6 @@ from l4gw.http.request import PlainRequest
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
 from l4gw.reactor import Reactor
-from l4gw.relay import PipePool
 from l4gw.upstream import UpstreamRuntime
 from tests.test_http_proxy import (
     Gateway,
@@ -103,7 +102,7 @@ class Env:
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
     async with trio.open_nursery() as nursery:
-        reactor = Reactor(PipePool())
+        reactor = Reactor()
         await nursery.start(reactor.run)
         env = Env(nursery, reactor)
         try:
@@ -329,6 +328,11 @@ async def start_raw(env: Env) -> tuple[Gateway, RawNode]:
     return gateway, node
 
 
+def sessions(reactor: Reactor) -> set[FastConnection]:
+    """The http connections the reactor serves now (its registered ``FastConnection``s)."""
+    return {h for h in reactor.handlers.values() if isinstance(h, FastConnection)}
+
+
 def idle_connections(gateway: Gateway) -> list[NodeConnection]:
     pool = node_pool()
     return [conn for node in gateway.upstream().nodes for conn in pool._idle.get(node, [])]
@@ -353,7 +357,7 @@ async def test_keepalive_requests_are_served_by_the_fast_path(env: Env, spy: Spy
             assert target_of(body) == target
         assert spy.starts == [t.encode() for t in targets]
         assert spy.ends == []  # never handed to the task, still served from the reactor
-        assert len(reactor.sessions) == 1
+        assert len(sessions(reactor)) == 1
         assert node.connections == 1
         assert [seen.target for seen in node.requests] == spy.starts
         assert_no_active(gateway)
@@ -369,7 +373,7 @@ async def test_keepalive_requests_are_served_by_the_fast_path(env: Env, spy: Spy
         reactor.epoll.modify(fd, select.EPOLLIN)  # raises if fd is not in the epoll set
 
         await conn.aclose()
-        await eventually(lambda: not reactor.sessions)
+        await eventually(lambda: not sessions(reactor))
         assert spy.ends == [CLOSE]
         assert pool.idle_count(state) == 1  # the client leaving does not touch the pool
         assert idle.watcher is reactor
@@ -544,12 +548,12 @@ async def test_slow_client_backpressure(env: Env, spy: Spy) -> None:
         # The client reads nothing: the gateway stops reading the node (node_mask 0) and
         # keeps the rest it could not write (pending, bounded) until the client catches up.
         def stalled() -> bool:
-            sessions = [s for s in reactor.sessions if isinstance(s, FastConnection)]
-            return len(sessions) == 1 and sessions[0].pending is not None
+            fast = [s for s in sessions(reactor) if isinstance(s, FastConnection)]
+            return len(fast) == 1 and fast[0].pending is not None
 
         await eventually(stalled)
         await trio.sleep(0.1)
-        (session,) = [s for s in reactor.sessions if isinstance(s, FastConnection)]
+        (session,) = [s for s in sessions(reactor) if isinstance(s, FastConnection)]
         assert session.pending is not None
         assert session.state == fastpath._RELAY  # the node is not drained meanwhile ...
         assert session.nc is not None
@@ -606,7 +610,7 @@ async def test_client_gone_mid_response(env: Env, spy: Spy) -> None:
         await conn.aclose()
 
         def gone() -> bool:
-            return not reactor.sessions and all(
+            return not sessions(reactor) and all(
                 n.active == 0 for n in gateway.upstream().all_nodes()
             )
 
@@ -804,7 +808,7 @@ async def test_shutdown_closes_fast_connections(spy: Spy) -> None:
         with trio.fail_after(10):
             async with trio.open_nursery() as outer:
                 node = await Node().start(outer)
-                reactor = Reactor(PipePool())
+                reactor = Reactor()
                 async with trio.open_nursery() as inner:
                     await inner.start(reactor.run)
                     upstreams = {"web": upstream_runtime("web", [node.address])}
@@ -815,12 +819,12 @@ async def test_shutdown_closes_fast_connections(spy: Spy) -> None:
                     conns.append(busy := await Conn.open(gateway.port))
                     await busy.send(b"GET /slow/30 HTTP/1.1\r\nHost: h\r\n\r\n")
                     await eventually(lambda: any(s.target == b"/slow/30" for s in node.requests))
-                    assert len(reactor.sessions) == 2
+                    assert len(sessions(reactor)) == 2
                     assert gateway.upstream().nodes[0].active == 1
                     inner.cancel_scope.cancel()
                 assert inner.cancel_scope.cancelled_caught  # and nothing else came out
                 assert reactor.stopped
-                assert not reactor.sessions
+                assert not sessions(reactor)
                 assert not reactor.connectors
                 assert_no_active(gateway)
                 assert await idle.at_eof()
@@ -855,7 +859,7 @@ async def test_draining_closes_idle_and_answers_busy(env: Env, spy: Spy) -> None
         assert target_of(body) == "/slow/0.3"
         assert header(head, b"connection") == b"close"
         assert await busy.at_eof()
-        await eventually(lambda: not env.reactor.sessions)
+        await eventually(lambda: not sessions(env.reactor))
         assert spy.starts == [b"/idle", b"/slow/0.3"]
         assert spy.ends == [CLOSE, CLOSE]
         await idle.aclose()

@@ -43,7 +43,6 @@ from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
 from l4gw.ratelimit import RateLimiter
 from l4gw.reactor import Reactor
-from l4gw.relay import PipePool
 from l4gw.runtime import ListenerRuntime, ListenerStats
 from l4gw.upstream import UpstreamRuntime
 
@@ -414,7 +413,7 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
         if request.param.endswith("+tls"):
             certs = request.getfixturevalue("gateway_certs")
         if request.param.startswith("reactor"):
-            reactor = Reactor(PipePool())
+            reactor = Reactor()
             await nursery.start(reactor.run)
 
         async def start(

@@ -209,8 +209,7 @@ class FastConnection:
         except (OSError, ValueError):
             return CLOSE
         self.client_mask = _IN
-        reactor.handlers[self.client_fd] = self
-        reactor.sessions.add(self)
+        reactor.attach(self.client_fd, self)
         self.task = trio.lowlevel.current_task()
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -241,7 +240,6 @@ class FastConnection:
         """Take everything out of the reactor; a node connection still held is closed."""
         self.state = _DONE
         reactor = self.reactor
-        reactor.sessions.discard(self)
         reactor.forget(self.client_fd, self.client_mask)
         self.client_mask = 0
         connector = self.connector

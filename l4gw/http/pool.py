@@ -369,7 +369,7 @@ class NodePool:
                 watch.forget(fd, mask)
                 conn.close()
                 return
-            watch.handlers[fd] = conn
+            watch.attach(fd, conn)
             conn.watcher = watch
             conn.watch_pool = self
         conn.reader.reset()
