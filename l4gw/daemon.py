@@ -1,4 +1,5 @@
-"""The daemon: the top nursery with listeners, admin, idle sweeper, signals, reload and drain.
+"""The daemon: the top nursery with listeners, admin, deadline sweeper, node pool, signals,
+reload and drain.
 
 Lifecycle of ``Daemon.run``:
 
@@ -6,6 +7,13 @@ Lifecycle of ``Daemon.run``:
 2. serve; ``SIGHUP`` reloads the file (a bad file is logged and the old config stays);
 3. on ``SIGTERM``/``SIGINT``: stop accepting, ``/healthz`` answers 503, wait up to
    ``drain_timeout`` for connections to finish, close the rest; a second signal closes at once.
+
+Ownership: the daemon creates the reactor, the splice pipe pool, the deadline sweeper
+(``l4gw.deadlines.Deadlines``, with the L4 ``IdleSweeper`` as one of its entries) and the http
+node pool, runs their tasks in its connections nursery and hands them to the connection
+handlers (``ConnectionContext``). Cancelling that nursery at the end of the drain stops them
+all: the reactor aborts every handler still registered and the node pool closes its idle
+connections.
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from . import __version__, systemd
 from .acl import SourceACL
 from .admin import AdminHandlers, serve_admin
 from .config import Config, ConfigError, ListenerConfig, load_config
+from .deadlines import Deadlines
 from .discovery import discovery_stats
 from .health import find_monitor, node_status
+from .http.pool import NodePool
 from .listeners import BindError, ConnectionContext, bind_listener, serve_listener
 from .logs import configure_logging
 from .metrics import lifecycle_families, render_metrics
@@ -146,7 +156,11 @@ class Daemon:
         self.upstream_set = UpstreamSet(probes=not remote_health)
         self.listening: dict[str, _Listening] = {}
         self.pool = PipePool()
-        self.sweeper = IdleSweeper()
+        #: The one deadline sweeper (L4 idle timeouts through ``sweeper``, http phases).
+        self.deadlines = Deadlines()
+        self.sweeper = IdleSweeper(self.deadlines)
+        #: Idle keep-alive connections to http nodes.
+        self.node_pool = NodePool()
         #: Runs the plain-TCP connections (created by ``run``; None where there is no epoll).
         self.reactor: Reactor | None = None
         self.reloads = 0
@@ -230,7 +244,6 @@ class Daemon:
                 async with trio.open_nursery() as services:
                     self._services = services
                     services.start_soon(self._handle_signals, signals)
-                    services.start_soon(self.sweeper.run)
                     if admin_sock is not None:
                         handlers = AdminHandlers(
                             healthy=lambda: not self.draining,
@@ -245,8 +258,17 @@ class Daemon:
                             # closes every connection still open.
                             self.reactor = Reactor()
                             connections.start_soon(self.reactor.run)
+                        # Both end with the drain too: the pool then closes its idle
+                        # connections.
+                        connections.start_soon(self.deadlines.run)
+                        connections.start_soon(self.node_pool.run)
                         self._ctx = ConnectionContext(
-                            connections, self.pool, self.sweeper, self.reactor
+                            connections,
+                            self.pool,
+                            self.sweeper,
+                            self.reactor,
+                            deadlines=self.deadlines,
+                            node_pool=self.node_pool,
                         )
                         # Discovery reports started after its first lookup, so the nodes it
                         # finds exist before the first connection is accepted.
@@ -322,6 +344,9 @@ class Daemon:
         return sum(stats.active for stats in self.stats.values())
 
     async def _drain(self, connections: trio.Nursery) -> None:
+        """Stop accepting, wait (up to ``drain_timeout``, or until a second signal) until no
+        connection is left, then cancel ``connections``: that closes whatever is left (the
+        reactor's handlers, http tasks, idle pooled node connections)."""
         self.draining = True
         for item in self.listening.values():
             item.runtime.draining = True

@@ -12,13 +12,14 @@ import errno
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from . import logs
 from .connect import open_node_connection
+from .deadlines import Deadlines
 from .errors import GatewayError
 from .netaddr import SocketAddress
 from .nodes import NodeState
@@ -26,6 +27,9 @@ from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode
 from .reactor import NodeConnector, Reactor
 from .relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 from .runtime import ListenerRuntime
+
+if TYPE_CHECKING:
+    from .http.pool import NodePool
 
 log = structlog.get_logger("l4gw.listener")
 
@@ -89,9 +93,10 @@ def _refuse(sock: socket.socket) -> None:
 
 
 class ConnectionContext:
-    """What every connection handler shares: the nursery its tasks run in, the pipe pool,
-    the idle sweeper and the reactor that runs plain-TCP relays (None where there is no
-    epoll: every relay is then a ``StreamRelay``)."""
+    """What every connection handler shares, all owned by the daemon: the nursery its tasks
+    run in, the pipe pool, the L4 idle sweeper, the reactor that runs plain-TCP relays (None
+    where there is no epoll: every relay is then a ``StreamRelay``), the deadline sweeper of
+    http connections and the http node pool."""
 
     def __init__(
         self,
@@ -99,11 +104,16 @@ class ConnectionContext:
         pool: PipePool,
         sweeper: IdleSweeper,
         reactor: Reactor | None = None,
+        *,
+        deadlines: Deadlines,
+        node_pool: NodePool,
     ) -> None:
         self.nursery = nursery
         self.pool = pool
         self.sweeper = sweeper
         self.reactor = reactor
+        self.deadlines = deadlines
+        self.node_pool = node_pool
 
 
 def log_connection(
@@ -551,7 +561,13 @@ async def _handle_stream(
         outcome = "error"
         try:
             outcome = await serve_http_connection(
-                listener, stream, client, tls=config.tls is not None, reactor=ctx.reactor
+                listener,
+                stream,
+                client,
+                tls=config.tls is not None,
+                pool=ctx.node_pool,
+                deadlines=ctx.deadlines,
+                reactor=ctx.reactor,
             )
         finally:
             stats.active -= 1

@@ -28,7 +28,7 @@ import trio
 from l4gw.config import RouteConfig
 from l4gw.http import fastpath
 from l4gw.http.fastpath import CLOSE, HANDOFF, FastConnection
-from l4gw.http.pool import NodeConnection, node_pool
+from l4gw.http.pool import NodeConnection
 from l4gw.http.request import PlainRequest
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
@@ -334,7 +334,7 @@ def sessions(reactor: Reactor) -> set[FastConnection]:
 
 
 def idle_connections(gateway: Gateway) -> list[NodeConnection]:
-    pool = node_pool()
+    pool = gateway.pool
     return [conn for node in gateway.upstream().nodes for conn in pool._idle.get(node, [])]
 
 
@@ -347,7 +347,7 @@ async def test_keepalive_requests_are_served_by_the_fast_path(env: Env, spy: Spy
         gateway, (node,) = await env.start()
         reactor = env.reactor
         state = gateway.upstream().nodes[0]
-        pool = node_pool()
+        pool = gateway.pool
         conn = await env.connect(gateway.port)
         targets = [f"/k/{i}" for i in range(20)]
         for target in targets:
@@ -391,7 +391,7 @@ async def test_idle_pooled_connection_dropped_by_the_node(
         gateway, node = await start_raw(env)
         reactor = env.reactor
         state = gateway.upstream().nodes[0]
-        pool = node_pool()
+        pool = gateway.pool
         conn = await env.connect(gateway.port)
         head, body = await conn.get(f"/{behaviour}/0.2")
         assert head.status == 200
@@ -601,7 +601,7 @@ async def test_client_gone_mid_response(env: Env, spy: Spy) -> None:
         gateway, (node,) = await env.start()
         reactor = env.reactor
         state = gateway.upstream().nodes[0]
-        pool = node_pool()
+        pool = gateway.pool
         conn = await env.connect(gateway.port)
         await conn.send(b"GET /big/33554432 HTTP/1.1\r\nHost: h\r\n\r\n")
         while conn.received < 100 * 1024:
@@ -732,7 +732,7 @@ async def test_504_closes_the_connection(env: Env, spy: Spy) -> None:
         assert spy.ends == [CLOSE]
         assert gateway.stats.requests[("default", 504)] == 1
         assert_no_active(gateway)
-        assert node_pool().idle_count(state) == 0  # the late node's connection is closed
+        assert gateway.pool.idle_count(state) == 0  # the late node's connection is closed
         await conn.aclose()
 
 

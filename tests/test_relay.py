@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from l4gw import relay as relay_mod
+from l4gw.deadlines import Deadlines
 from l4gw.reactor import Reactor
 from l4gw.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
@@ -134,12 +135,13 @@ async def _recv_some(sock: socket.socket) -> bytes:
 
 
 async def test_idle_timeout_closes_both_sides(setup: Setup) -> None:
-    sweeper = IdleSweeper()
+    deadlines = Deadlines()
+    sweeper = IdleSweeper(deadlines)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             relay = setup.relay(idle=0.3)
             sweeper.add(relay)
-            nursery.start_soon(sweeper.run)
+            nursery.start_soon(deadlines.run)
             await sock_send_all(setup.client, b"x")
             assert await _recv_some(setup.node) == b"x"
             assert await sock_read_to_eof(setup.client) == b""
@@ -168,7 +170,7 @@ def test_sweeper_exact_times() -> None:
             self.closed = True
             self.aborted.append(reason)
 
-    sweeper = IdleSweeper()
+    sweeper = IdleSweeper(Deadlines())
     fake = FakeRelay()
     sweeper.relays.add(fake)  # type: ignore[arg-type]
     sweeper.sweep(9.9)

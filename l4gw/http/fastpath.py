@@ -53,7 +53,7 @@ from .responses import (
     client_response_head,
     error_response,
 )
-from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, timeouts
+from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND
 from .wire import (
     DONE,
     MORE,
@@ -395,7 +395,7 @@ class FastConnection:
         self.upstream = upstream
         self.retryable = method in IDEMPOTENT
         self.fresh = False
-        sweeper = timeouts()
+        sweeper = handler.deadlines
         sweeper.need(upstream.config.response_timeout)
         sweeper.need(upstream.config.idle_timeout)
         self._acquire(upstream)

@@ -47,6 +47,7 @@ import structlog
 import trio
 
 from .. import logs
+from ..deadlines import Deadlines
 from ..errors import GatewayError
 from ..proxyproto import encode_v1, encode_v2
 from ..reactor import Reactor
@@ -56,7 +57,7 @@ from .admission import Refusal, refusal, route_request
 from .fastpath import HANDOFF, FastConnection
 from .headers import connection_tokens, is_upgrade_request, request_headers, response_headers
 from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
-from .pool import NodeConnection, NodePool, node_pool
+from .pool import NodeConnection, NodePool
 from .responses import (
     DEFAULT_KEEPALIVE,
     IDEMPOTENT,
@@ -67,7 +68,7 @@ from .responses import (
     error_response,
 )
 from .routes import RouteTable, route_table
-from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD, timeouts
+from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND, UPLOAD
 from .tlsstream import TLSStream
 from .wire import (
     DONE,
@@ -157,6 +158,8 @@ async def serve_http_connection(
     client: tuple[str, int],
     *,
     tls: bool,
+    pool: NodePool,
+    deadlines: Deadlines,
     reactor: Reactor | None = None,
 ) -> str:
     """Serve HTTP/1.1 requests from one client connection until it ends; returns the
@@ -166,7 +169,8 @@ async def serve_http_connection(
     ``client`` is the client's address (from the socket, or from an accepted PROXY header);
     ``tls`` says the listener terminated TLS (``X-Forwarded-Proto: https``). With a
     ``reactor``, a plain-TCP connection is served from it between the requests that need
-    this task (see :mod:`l4gw.http.fastpath`).
+    this task (see :mod:`l4gw.http.fastpath`). ``pool`` and ``deadlines`` are the daemon's
+    node pool and deadline sweeper (the connection is registered there while it lasts).
 
     Resource handling: owns ``stream`` and closes it before returning (after an error
     response with request bytes unread, it first reads and discards them for up to
@@ -177,13 +181,13 @@ async def serve_http_connection(
     Every request is counted in ``listener.stats.requests`` and ``durations``; the bytes read
     from and written to the client in ``stats.bytes_in``/``bytes_out``.
     """
-    handler = _Handler(listener, stream, client, tls)
+    handler = _Handler(listener, stream, client, tls, pool, deadlines)
     if reactor is not None and type(handler.io) in (FdIO, TLSStream):
         handler.reactor = reactor
-    sweeper = timeouts()
+    sweeper = deadlines
     sweeper.need(listener.config.header_timeout)
     sweeper.need(listener.config.idle_timeout or DEFAULT_KEEPALIVE)
-    sweeper.add(handler)
+    sweeper.add_keepalive(handler)
     try:
         with handler.scope:
             try:
@@ -193,7 +197,7 @@ async def serve_http_connection(
         if handler.expired is not None:
             await handler.timed_out(handler.expired)
     finally:
-        sweeper.handlers.discard(handler)
+        sweeper.discard_keepalive(handler)
         handler.finish()
         await handler.close()
     return "denied" if handler.denied else "proxied"
@@ -211,6 +215,7 @@ class _Handler:
         "counted_in",
         "counted_out",
         "deadline",
+        "deadlines",
         "denied",
         "expired",
         "fast",
@@ -239,6 +244,8 @@ class _Handler:
         stream: trio.abc.Stream,
         client: tuple[str, int],
         tls: bool,
+        pool: NodePool,
+        deadlines: Deadlines,
     ) -> None:
         self.listener = listener
         self.stream = stream
@@ -258,7 +265,8 @@ class _Handler:
         self.linger = False
         self.config: object = None
         self.table: RouteTable | None = None
-        self.pool: NodePool = node_pool()
+        self.pool = pool
+        self.deadlines = deadlines
         #: A connection to an upstream with proxy_protocol on, kept for this client only.
         self.private: NodeConnection | None = None
         # Per request:
@@ -586,7 +594,7 @@ class _Handler:
         reused = nc.requests > 0
         nc.requests += 1
         config = upstream.config
-        sweeper = timeouts()
+        sweeper = self.deadlines
         sweeper.need(config.response_timeout)
         sweeper.need(config.idle_timeout)
         self.phase = RESPONSE
