@@ -168,6 +168,8 @@ class Daemon:
         self.admin_address: SocketAddress | None = None
         self._stop = trio.Event()
         self._hard_stop = trio.Event()
+        #: Set when no connection is left (the drain waits on it).
+        self._idle = trio.Event()
         self._ctx: ConnectionContext | None = None
         self._services: trio.Nursery | None = None
 
@@ -178,7 +180,10 @@ class Daemon:
         return self.upstream_set.runtimes
 
     def _listener_runtime(self, lc: ListenerConfig, access_log: bool) -> ListenerRuntime:
-        stats = self.stats.setdefault(lc.name, ListenerStats())
+        stats = self.stats.get(lc.name)
+        if stats is None:
+            stats = self.stats[lc.name] = ListenerStats()
+            stats.on_idle = self._check_idle
         return ListenerRuntime(
             config=lc,
             stats=stats,
@@ -343,6 +348,12 @@ class Daemon:
     def active_connections(self) -> int:
         return sum(stats.active for stats in self.stats.values())
 
+    def _check_idle(self) -> None:
+        """``on_idle`` of every listener's stats: one of them dropped to 0 connections (on
+        the data path: only counts while draining)."""
+        if self.draining and self.active_connections() == 0:
+            self._idle.set()
+
     async def _drain(self, connections: trio.Nursery) -> None:
         """Stop accepting, wait (up to ``drain_timeout``, or until a second signal) until no
         connection is left, then cancel ``connections``: that closes whatever is left (the
@@ -360,8 +371,9 @@ class Daemon:
                     waiter.cancel_scope.cancel()
 
                 waiter.start_soon(hard)
-                while self.active_connections() > 0:  # noqa: ASYNC110 (counters, no event)
-                    await trio.sleep(0.05)
+                self._idle = trio.Event()
+                self._check_idle()
+                await self._idle.wait()
                 waiter.cancel_scope.cancel()
         left = self.active_connections()
         if left:

@@ -1,5 +1,5 @@
 """The daemon in this process: what it owns (reactor, deadline sweeper, node pool) ends with
-its drain."""
+its drain; the drain waits for the last connection without polling."""
 
 from __future__ import annotations
 
@@ -110,3 +110,29 @@ async def test_drain_closes_idle_pooled_node_connections(node_and_mode: Node) ->
         assert daemon.node_pool.idle_count() == 0
         await node.closed_event.wait()
         assert node.closed == 1
+
+
+async def test_drain_waits_for_the_last_connection(node_and_mode: Node) -> None:
+    node = node_and_mode
+    daemon, port = http_daemon(node)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            await node.slow_started.wait()
+            daemon.stop()
+            await trio.sleep(0.2)
+            assert daemon.draining and daemon.active_connections() == 1
+            node.release.set()  # the response goes out with Connection: close
+            response = b""
+            while True:
+                data = await client.receive_some(65536)
+                if not data:
+                    break
+                response += data
+            assert response.startswith(b"HTTP/1.1 200 ")
+            assert b"connection: close" in response.lower()
+            await client.aclose()
+        # ``run`` returned once the connection ended, well before drain_timeout (30 s).
+        assert daemon.active_connections() == 0
