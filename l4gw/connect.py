@@ -118,6 +118,7 @@ class NodeConnector:
         "on_failed",
         "plan",
         "reactor",
+        "running",
         "sock",
         "timer",
     )
@@ -142,6 +143,8 @@ class NodeConnector:
         self.lease: NodeLease | None = None
         self.sock: socket.socket | None = None
         self.timer: Timer | None = None
+        #: Between ``start`` and the one callback.
+        self.running = False
 
     def start(self, lease: NodeLease | None = None) -> None:
         """Begin connecting (with ``lease``, the attempt of a node the plan gave the caller
@@ -151,7 +154,7 @@ class NodeConnector:
                 lease.release()
             self.on_failed(ReactorStopped("shutdown"))
             return
-        self.reactor.connectors.add(self)
+        self.running = True
         self._next(lease)
 
     def _next(self, first: NodeLease | None = None) -> None:
@@ -166,7 +169,7 @@ class NodeConnector:
             else:
                 lease = plan.next()
             if not isinstance(lease, NodeLease):
-                reactor.connectors.discard(self)
+                self.running = False
                 self.on_failed(lease)
                 return
             address = lease.node.address
@@ -180,8 +183,7 @@ class NodeConnector:
                 err = sock.connect_ex(address.sockaddr())
                 if err == errno.EINPROGRESS:
                     fd = sock.fileno()
-                    reactor.epoll.register(fd, _EPOLLOUT)
-                    reactor.handlers[fd] = self
+                    reactor.register(fd, _EPOLLOUT, self)
                     self.lease = lease
                     self.sock = sock
                     self.timer = reactor.call_at(
@@ -244,7 +246,7 @@ class NodeConnector:
 
     def _connected(self, sock: socket.socket, lease: NodeLease, mask: int) -> None:
         reactor = self.reactor
-        reactor.connectors.discard(self)
+        self.running = False
         self.plan.succeeded(lease)
         fd = sock.fileno()
         try:
@@ -255,9 +257,9 @@ class NodeConnector:
 
     def abort(self, reason: str, *, reset: bool = False) -> None:
         """Give up (shutdown): close the attempt under way and report ``ReactorStopped``."""
-        if self not in self.reactor.connectors:
+        if not self.running:
             return
-        self.reactor.connectors.discard(self)
+        self.running = False
         lease = self.lease
         self._drop_socket()
         if lease is not None:

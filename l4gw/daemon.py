@@ -1,4 +1,5 @@
-"""The daemon: the top nursery with listeners, admin, idle sweeper, signals, reload and drain.
+"""The daemon: the top nursery with listeners, admin, deadline sweeper, node pool, signals,
+reload and drain.
 
 Lifecycle of ``Daemon.run``:
 
@@ -6,6 +7,13 @@ Lifecycle of ``Daemon.run``:
 2. serve; ``SIGHUP`` reloads the file (a bad file is logged and the old config stays);
 3. on ``SIGTERM``/``SIGINT``: stop accepting, ``/healthz`` answers 503, wait up to
    ``drain_timeout`` for connections to finish, close the rest; a second signal closes at once.
+
+Ownership: the daemon creates the reactor, the splice pipe pool, the deadline sweeper
+(``l4gw.deadlines.Deadlines``, with the L4 ``IdleSweeper`` as one of its entries) and the http
+node pool, runs their tasks in its connections nursery and hands them to the connection
+handlers (``ConnectionContext``). Cancelling that nursery at the end of the drain stops them
+all: the reactor aborts every handler still registered and the node pool closes its idle
+connections.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from .acl import SourceACL
 from .admin import admin_table, serve_admin
 from .config import Config, ListenerConfig
 from .configfiles import config_as_dict
+from .deadlines import Deadlines
 from .errors import BindError
+from .http.pool import NodePool
 from .listeners import ConnectionContext, bind_listener, bind_unix_listener, serve_listener
 from .metrics import lifecycle_families, render_metrics, sweeper_families
 from .netaddr import SocketAddress
@@ -96,7 +106,11 @@ class Daemon:
         self.upstream_set = UpstreamSet(probes=not remote_health)
         self.listening: dict[str, _Listening] = {}
         self.pool = PipePool()
-        self.sweeper = IdleSweeper()
+        #: The one deadline sweeper (L4 idle timeouts through ``sweeper``, http phases).
+        self.deadlines = Deadlines()
+        self.sweeper = IdleSweeper(self.deadlines)
+        #: Idle keep-alive connections to http nodes.
+        self.node_pool = NodePool()
         #: Runs the plain-TCP connections (created by ``run``; None where there is no epoll).
         self.reactor: Reactor | None = None
         self.reloads = 0
@@ -104,6 +118,8 @@ class Daemon:
         self.admin_address: SocketAddress | None = None
         self._stop = trio.Event()
         self._hard_stop = trio.Event()
+        #: Set when no connection is left (the drain waits on it).
+        self._idle = trio.Event()
         self._ctx: ConnectionContext | None = None
         self._services: trio.Nursery | None = None
 
@@ -114,7 +130,10 @@ class Daemon:
         return self.upstream_set.runtimes
 
     def _listener_runtime(self, lc: ListenerConfig, access_log: bool) -> ListenerRuntime:
-        stats = self.stats.setdefault(lc.name, ListenerStats())
+        stats = self.stats.get(lc.name)
+        if stats is None:
+            stats = self.stats[lc.name] = ListenerStats()
+            stats.on_idle = self._check_idle
         return ListenerRuntime(
             config=lc,
             stats=stats,
@@ -178,17 +197,25 @@ class Daemon:
                 async with trio.open_nursery() as services:
                     self._services = services
                     services.start_soon(self._handle_signals, signals)
-                    services.start_soon(self.sweeper.run)
                     if admin_sock is not None:
                         await services.start(serve_admin, admin_sock, admin_table(self))
                     async with trio.open_nursery() as connections:
                         if HAVE_REACTOR:
                             # Cancelled with this nursery at the end of the drain: it then
                             # closes every connection still open.
-                            self.reactor = Reactor(self.pool)
+                            self.reactor = Reactor()
                             connections.start_soon(self.reactor.run)
+                        # Both end with the drain too: the pool then closes its idle
+                        # connections.
+                        connections.start_soon(self.deadlines.run)
+                        connections.start_soon(self.node_pool.run)
                         self._ctx = ConnectionContext(
-                            connections, self.pool, self.sweeper, self.reactor
+                            connections,
+                            self.pool,
+                            self.sweeper,
+                            self.reactor,
+                            deadlines=self.deadlines,
+                            node_pool=self.node_pool,
                         )
                         # Discovery reports started after its first lookup, so the nodes it
                         # finds exist before the first connection is accepted.
@@ -263,7 +290,16 @@ class Daemon:
     def active_connections(self) -> int:
         return sum(stats.active for stats in self.stats.values())
 
+    def _check_idle(self) -> None:
+        """``on_idle`` of every listener's stats: one of them dropped to 0 connections (on
+        the data path: only counts while draining)."""
+        if self.draining and self.active_connections() == 0:
+            self._idle.set()
+
     async def _drain(self, connections: trio.Nursery) -> None:
+        """Stop accepting, wait (up to ``drain_timeout``, or until a second signal) until no
+        connection is left, then cancel ``connections``: that closes whatever is left (the
+        reactor's handlers, http tasks, idle pooled node connections)."""
         self.draining = True
         for item in self.listening.values():
             item.runtime.draining = True
@@ -277,8 +313,9 @@ class Daemon:
                     waiter.cancel_scope.cancel()
 
                 waiter.start_soon(hard)
-                while self.active_connections() > 0:  # noqa: ASYNC110 (counters, no event)
-                    await trio.sleep(0.05)
+                self._idle = trio.Event()
+                self._check_idle()
+                await self._idle.wait()
                 waiter.cancel_scope.cancel()
         left = self.active_connections()
         if left:

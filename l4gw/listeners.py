@@ -14,13 +14,14 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from . import logs
 from .connect import NodeConnector, open_node_connection
+from .deadlines import Deadlines
 from .errors import BindError, GatewayError
 from .netaddr import SocketAddress
 from .nodes import NodeState
@@ -29,6 +30,9 @@ from .reactor import Reactor
 from .relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 from .runtime import ListenerRuntime
 from .upstream import NodeLease
+
+if TYPE_CHECKING:
+    from .http.pool import NodePool
 
 log = structlog.get_logger("l4gw.listener")
 
@@ -105,9 +109,10 @@ def _refuse(sock: socket.socket) -> None:
 
 
 class ConnectionContext:
-    """What every connection handler shares: the nursery its tasks run in, the pipe pool,
-    the idle sweeper and the reactor that runs plain-TCP relays (None where there is no
-    epoll: every relay is then a ``StreamRelay``)."""
+    """What every connection handler shares, all owned by the daemon: the nursery its tasks
+    run in, the pipe pool, the L4 idle sweeper, the reactor that runs plain-TCP relays (None
+    where there is no epoll: every relay is then a ``StreamRelay``), the deadline sweeper of
+    http connections and the http node pool."""
 
     def __init__(
         self,
@@ -115,11 +120,16 @@ class ConnectionContext:
         pool: PipePool,
         sweeper: IdleSweeper,
         reactor: Reactor | None = None,
+        *,
+        deadlines: Deadlines,
+        node_pool: NodePool,
     ) -> None:
         self.nursery = nursery
         self.pool = pool
         self.sweeper = sweeper
         self.reactor = reactor
+        self.deadlines = deadlines
+        self.node_pool = node_pool
 
 
 def log_connection(
@@ -472,6 +482,7 @@ def _start_proxy_tcp(
             node_sock,
             upstream.config.idle_timeout,
             _finisher(listener, client, lease, sweeper, started, b""),
+            pipes=ctx.pool,
         )
         sweeper.add(relay, listener=listener.name, node=lease.node)
         relay.start(node_mask=mask, read_now=True)
@@ -510,7 +521,7 @@ async def _proxy_tcp(
     sweeper = ctx.sweeper
     finish = _finisher(listener, client, lease, sweeper, started, early)
     if ctx.reactor is not None:
-        relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish)
+        relay = SocketRelay(ctx.reactor, conn, node_sock, idle_timeout, finish, pipes=ctx.pool)
         sweeper.add(relay, listener=listener.name, node=lease.node)
         relay.start(read_now=True)
     else:
@@ -570,7 +581,13 @@ async def _handle_stream(
         outcome = "error"
         try:
             outcome = await serve_http_connection(
-                listener, stream, client, tls=config.tls is not None, reactor=ctx.reactor
+                listener,
+                stream,
+                client,
+                tls=config.tls is not None,
+                pool=ctx.node_pool,
+                deadlines=ctx.deadlines,
+                reactor=ctx.reactor,
             )
         finally:
             stats.active -= 1

@@ -19,8 +19,12 @@ if it still has data). After a batch the reactor polls again at once (under load
 are ready by then, and this saves trio's wake-up round), and after ``MAX_ROUNDS`` batches in a
 row it yields to the other trio tasks.
 
+The reactor is only an event loop: it knows ``EventHandler`` objects (``on_event``, ``abort``)
+registered per descriptor through ``register``/``attach``/``interest``/``forget``, never what
+they are (relays, connects, http sessions, idle pooled node connections).
+
 Shutdown: when ``run`` is cancelled (the daemon cancels the connections nursery at the end of
-the drain) it aborts every relay and connect still registered, then closes the epoll set.
+the drain) ``close_all`` aborts every handler still registered, then the epoll set is closed.
 """
 
 from __future__ import annotations
@@ -29,15 +33,10 @@ import heapq
 import math
 import select
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import structlog
 import trio
-
-from .relay import PipePool, SocketRelay
-
-if TYPE_CHECKING:
-    from .connect import NodeConnector
 
 log = structlog.get_logger("l4gw.reactor")
 
@@ -74,20 +73,15 @@ class Timer:
 class Reactor:
     """One epoll set, one trio task (``run``), and a table descriptor → handler.
 
-    Resource handling: owns the epoll descriptor (closed when ``run`` ends, or by ``close``)
-    and, through the relays and connectors registered with it, their sockets.
+    Resource handling: owns the epoll descriptor (closed when ``run`` ends, or by ``close``);
+    the handlers registered with it own their descriptors, and ``close_all`` (at the end of
+    ``run``) aborts each of them once, which closes them.
     """
 
-    def __init__(self, pool: PipePool) -> None:
-        self.pool = pool
+    def __init__(self) -> None:
         self.epoll = select.epoll()
+        #: Descriptor → the handler its events go to (registered or not in the epoll set).
         self.handlers: dict[int, EventHandler] = {}
-        #: Live relays (the ones ``run`` aborts when it is cancelled).
-        self.relays: set[SocketRelay] = set()
-        #: Connects under way.
-        self.connectors: set[NodeConnector] = set()
-        #: Other handlers that live across events (http connections served here).
-        self.sessions: set[EventHandler] = set()
         #: True once ``run`` has ended: nothing may register any more.
         self.stopped = False
         #: Descriptors closed during the current batch: their remaining events are stale.
@@ -102,10 +96,23 @@ class Reactor:
 
     @property
     def active(self) -> int:
-        """Relays currently registered (connections in the data phase)."""
-        return len(self.relays)
+        """Handlers currently registered (each counted once, whatever its descriptors)."""
+        return len({id(handler) for handler in self.handlers.values()})
 
     # -- registration -------------------------------------------------------------------
+
+    def register(self, fd: int, mask: int, handler: EventHandler) -> None:
+        """Put ``fd`` in the epoll set with ``mask`` (none if 0) and send its events to
+        ``handler``, which owns it from now on (``close_all`` aborts it). Raises ``OSError``
+        (the handler table is then unchanged)."""
+        if mask:
+            self.epoll.register(fd, mask)
+        self.handlers[fd] = handler
+
+    def attach(self, fd: int, handler: EventHandler) -> None:
+        """Send the events of ``fd`` (already in the epoll set, or not yet) to ``handler``
+        from now on: the descriptor changes owner, its epoll mask stays."""
+        self.handlers[fd] = handler
 
     def interest(self, fd: int, old: int, new: int) -> None:
         """Change ``fd``'s epoll mask from ``old`` to ``new``; mask 0 means not in the set
@@ -241,15 +248,24 @@ class Reactor:
             log.exception("reactor_abort_failed")
 
     def close_all(self) -> None:
-        """Abort every connect under way and every relay (shutdown)."""
-        handlers: list[EventHandler] = [*self.connectors, *self.relays, *self.sessions]
-        for handler in handlers:
-            try:
-                handler.abort("shutdown")
-            except Exception:  # a failing callback must not leave the others open
-                log.exception("reactor_abort_failed")
+        """Abort every registered handler once (shutdown): relays, connects under way, http
+        sessions and idle pooled node connections alike. A failing ``abort`` is logged and
+        does not keep the others open."""
+        aborted: set[int] = set()
+        while True:
+            # Snapshot per round: an abort may register something else (which the next round
+            # aborts too); a handler that stays registered after its abort is not called again.
+            pending = {id(h): h for h in self.handlers.values() if id(h) not in aborted}
+            if not pending:
+                return
+            aborted.update(pending)
+            for handler in pending.values():
+                try:
+                    handler.abort("shutdown")
+                except Exception:  # a failing callback must not leave the others open
+                    log.exception("reactor_abort_failed")
 
     def close(self) -> None:
-        """Close the epoll descriptor (idempotent). Relays must be gone (``close_all``)."""
+        """Close the epoll descriptor (idempotent). Handlers must be gone (``close_all``)."""
         self.stopped = True
         self.epoll.close()

@@ -17,15 +17,17 @@ direction keeps running; the connection is closed once both directions are done.
 any other error) on one side aborts the connection: the other side is closed at once, with a
 reset (``SO_LINGER`` 0) when the first side was reset.
 
-Idle timeout: no per-connection timers. ``IdleSweeper`` looks at every live relay's byte
-counters a few times per timeout period and aborts those that did not move for
-``idle_timeout`` seconds; the hot path only adds to counters it keeps anyway.
+Idle timeout: no per-connection timers. ``IdleSweeper`` (one entry of the daemon's
+``l4gw.deadlines.Deadlines``) looks at every live relay's byte counters a few times per
+timeout period and aborts those that did not move for ``idle_timeout`` seconds; the hot path
+only adds to counters it keeps anyway.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import select
 import socket
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from .deadlines import Deadlines
 from .nodes import NodeState
 
 if TYPE_CHECKING:
@@ -251,10 +254,22 @@ class SocketRelay(Relay):
 
     Resource handling: owns both sockets from construction; ``start`` hands them to the
     reactor; they are unregistered, then closed, when both directions are done or on
-    ``abort``, after which ``on_finish`` runs once.
+    ``abort``, after which ``on_finish`` runs once. Splice pipes are borrowed from ``pipes``
+    (owned by whoever created it, the daemon) only while bytes are in flight.
     """
 
-    __slots__ = ("cfd", "client", "cmask", "down", "nfd", "nmask", "node", "reactor", "up")
+    __slots__ = (
+        "cfd",
+        "client",
+        "cmask",
+        "down",
+        "nfd",
+        "nmask",
+        "node",
+        "pipes",
+        "reactor",
+        "up",
+    )
 
     def __init__(
         self,
@@ -263,9 +278,12 @@ class SocketRelay(Relay):
         node: socket.socket,
         idle_timeout: float,
         on_finish: Callable[[Relay], None],
+        *,
+        pipes: PipePool,
     ) -> None:
         super().__init__(idle_timeout, on_finish)
         self.reactor = reactor
+        self.pipes = pipes
         self.client = client
         self.node = node
         self.cfd = client.fileno()
@@ -284,9 +302,8 @@ class SocketRelay(Relay):
         if reactor.stopped:
             self.abort("shutdown")
             return
-        reactor.handlers[self.cfd] = self
-        reactor.handlers[self.nfd] = self
-        reactor.relays.add(self)
+        reactor.attach(self.cfd, self)
+        reactor.attach(self.nfd, self)
         self._sync()
         if read_now and not self.closed:
             self._pump(self.up)
@@ -346,7 +363,7 @@ class SocketRelay(Relay):
             self._sync()
 
     def _splice_in(self, flow: _Flow) -> None:
-        pool = self.reactor.pool
+        pool = self.pipes
         splice = os.splice
         try:
             pipe = pool.acquire()
@@ -404,7 +421,7 @@ class SocketRelay(Relay):
             if flow.left:
                 return
             flow.pipe = None
-            self.reactor.pool.release(pipe)
+            self.pipes.release(pipe)
         else:
             pending = flow.pending
             if pending is None:
@@ -483,8 +500,7 @@ class SocketRelay(Relay):
         for fd, mask in ((self.cfd, self.cmask), (self.nfd, self.nmask)):
             reactor.forget(fd, mask)
         self.cmask = self.nmask = 0
-        reactor.relays.discard(self)
-        pool = reactor.pool
+        pool = self.pipes
         for flow in (self.up, self.down):
             pipe = flow.pipe
             if pipe is not None:
@@ -575,19 +591,29 @@ async def copy_pump(
 
 
 class IdleSweeper:
-    """Aborts relays that moved no byte either way for their ``idle_timeout``, and relays
-    whose node or listener a reload removed once their ``drain_timeout`` has passed.
+    """The L4 part of the daemon's one deadline sweeper (``l4gw.deadlines.Deadlines``, of
+    which it is an entry): aborts relays that moved no byte either way for their
+    ``idle_timeout``, and relays whose node or listener a reload removed once their
+    ``drain_timeout`` has passed.
+
+    Relays have no deadline of their own (that would cost a clock read per message): this
+    entry's deadline comes back every ``tick``, and each time it compares every relay's byte
+    counters with what it saw last time.
 
     Precision: a relay is closed between ``idle_timeout`` and ``idle_timeout + tick`` seconds
     after its last byte (likewise after its drain deadline); ``tick`` is a quarter of the
     smallest timeout seen, within [50 ms, 1 s].
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deadlines: Deadlines) -> None:
         self.relays: set[Relay] = set()
         self.tick = 1.0
         self.closed_idle = 0
         self.closed_drained = 0
+        #: When ``deadlines`` calls ``expire`` next (the first sweep: at its first tick).
+        self.deadline = -math.inf
+        self.deadlines = deadlines
+        deadlines.add(self)
 
     def add(self, relay: Relay, *, listener: str = "", node: NodeState | None = None) -> None:
         relay.listener = listener
@@ -595,6 +621,7 @@ class IdleSweeper:
         self.relays.add(relay)
         if relay.idle_timeout / 4 < self.tick:
             self.tick = max(0.05, relay.idle_timeout / 4)
+            self.deadlines.need(relay.idle_timeout)
 
     def discard(self, relay: Relay) -> None:
         self.relays.discard(relay)
@@ -612,6 +639,13 @@ class IdleSweeper:
             else:
                 relay.drain_deadline = None
         return draining
+
+    def expire(self) -> None:
+        """Sweep now, and come back within one ``tick`` (the deadline sweeper looks every
+        ``deadlines.tick`` seconds, which is at most ours)."""
+        now = trio.current_time()
+        self.deadline = now + self.tick - self.deadlines.tick
+        self.sweep(now)
 
     def sweep(self, now: float) -> None:
         """Check every relay once; abort those idle for their whole timeout and those past
@@ -631,9 +665,3 @@ class IdleSweeper:
             elif now - relay.idle_since >= relay.idle_timeout:
                 self.closed_idle += 1
                 relay.abort("idle timeout")
-
-    async def run(self) -> None:
-        """Sweep forever (run it in the daemon's nursery)."""
-        while True:
-            await trio.sleep(self.tick)
-            self.sweep(trio.current_time())

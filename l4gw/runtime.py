@@ -7,7 +7,7 @@ that Prometheus counters never go backwards.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -48,18 +48,36 @@ class Histogram:
 
 
 class ListenerStats:
-    """Counters of one listener name, kept across reloads."""
+    """Counters of one listener name, kept across reloads.
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "outcomes", "requests")
+    ``on_idle`` (set by the daemon) is called, synchronously and without awaiting, each time
+    ``active`` drops to 0: the drain waits on that instead of polling the counters.
+    """
+
+    __slots__ = ("_active", "bytes_in", "bytes_out", "durations", "on_idle", "outcomes", "requests")
 
     def __init__(self) -> None:
-        self.active = 0
+        self._active = 0
+        self.on_idle: Callable[[], None] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         #: (route name, status) -> count, http mode.
         self.requests: dict[tuple[str, int], int] = {}
         self.durations = Histogram()
+
+    @property
+    def active(self) -> int:
+        """Connections of this listener under way (accepted and not yet ended)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self._active = value
+        if not value:
+            on_idle = self.on_idle
+            if on_idle is not None:
+                on_idle()
 
 
 @attrs.define(eq=False)

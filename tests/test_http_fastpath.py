@@ -26,14 +26,14 @@ import pytest
 import trio
 
 from l4gw.config import RouteConfig
+from l4gw.connect import NodeConnector
 from l4gw.http import fastpath
 from l4gw.http.fastpath import CLOSE, HANDOFF, FastConnection
-from l4gw.http.pool import NodeConnection, node_pool
+from l4gw.http.pool import NodeConnection
 from l4gw.http.request import PlainRequest
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
 from l4gw.reactor import Reactor
-from l4gw.relay import PipePool
 from l4gw.upstream import UpstreamRuntime
 from tests.test_http_proxy import (
     Gateway,
@@ -103,7 +103,7 @@ class Env:
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
     async with trio.open_nursery() as nursery:
-        reactor = Reactor(PipePool())
+        reactor = Reactor()
         await nursery.start(reactor.run)
         env = Env(nursery, reactor)
         try:
@@ -329,8 +329,13 @@ async def start_raw(env: Env) -> tuple[Gateway, RawNode]:
     return gateway, node
 
 
+def sessions(reactor: Reactor) -> set[FastConnection]:
+    """The http connections the reactor serves now (its registered ``FastConnection``s)."""
+    return {h for h in reactor.handlers.values() if isinstance(h, FastConnection)}
+
+
 def idle_connections(gateway: Gateway) -> list[NodeConnection]:
-    pool = node_pool()
+    pool = gateway.pool
     return [conn for node in gateway.upstream().nodes for conn in pool._idle.get(node, [])]
 
 
@@ -343,7 +348,7 @@ async def test_keepalive_requests_are_served_by_the_fast_path(env: Env, spy: Spy
         gateway, (node,) = await env.start()
         reactor = env.reactor
         state = gateway.upstream().nodes[0]
-        pool = node_pool()
+        pool = gateway.pool
         conn = await env.connect(gateway.port)
         targets = [f"/k/{i}" for i in range(20)]
         for target in targets:
@@ -353,7 +358,7 @@ async def test_keepalive_requests_are_served_by_the_fast_path(env: Env, spy: Spy
             assert target_of(body) == target
         assert spy.starts == [t.encode() for t in targets]
         assert spy.ends == []  # never handed to the task, still served from the reactor
-        assert len(reactor.sessions) == 1
+        assert len(sessions(reactor)) == 1
         assert node.connections == 1
         assert [seen.target for seen in node.requests] == spy.starts
         assert_no_active(gateway)
@@ -369,7 +374,7 @@ async def test_keepalive_requests_are_served_by_the_fast_path(env: Env, spy: Spy
         reactor.epoll.modify(fd, select.EPOLLIN)  # raises if fd is not in the epoll set
 
         await conn.aclose()
-        await eventually(lambda: not reactor.sessions)
+        await eventually(lambda: not sessions(reactor))
         assert spy.ends == [CLOSE]
         assert pool.idle_count(state) == 1  # the client leaving does not touch the pool
         assert idle.watcher is reactor
@@ -387,7 +392,7 @@ async def test_idle_pooled_connection_dropped_by_the_node(
         gateway, node = await start_raw(env)
         reactor = env.reactor
         state = gateway.upstream().nodes[0]
-        pool = node_pool()
+        pool = gateway.pool
         conn = await env.connect(gateway.port)
         head, body = await conn.get(f"/{behaviour}/0.2")
         assert head.status == 200
@@ -544,12 +549,12 @@ async def test_slow_client_backpressure(env: Env, spy: Spy) -> None:
         # The client reads nothing: the gateway stops reading the node (node_mask 0) and
         # keeps the rest it could not write (pending, bounded) until the client catches up.
         def stalled() -> bool:
-            sessions = [s for s in reactor.sessions if isinstance(s, FastConnection)]
-            return len(sessions) == 1 and sessions[0].pending is not None
+            fast = [s for s in sessions(reactor) if isinstance(s, FastConnection)]
+            return len(fast) == 1 and fast[0].pending is not None
 
         await eventually(stalled)
         await trio.sleep(0.1)
-        (session,) = [s for s in reactor.sessions if isinstance(s, FastConnection)]
+        (session,) = [s for s in sessions(reactor) if isinstance(s, FastConnection)]
         assert session.pending is not None
         assert session.state == fastpath._RELAY  # the node is not drained meanwhile ...
         assert session.nc is not None
@@ -599,7 +604,7 @@ async def test_client_gone_mid_response(env: Env, spy: Spy) -> None:
         gateway, (node,) = await env.start()
         reactor = env.reactor
         state = gateway.upstream().nodes[0]
-        pool = node_pool()
+        pool = gateway.pool
         conn = await env.connect(gateway.port)
         await conn.send(b"GET /big/33554432 HTTP/1.1\r\nHost: h\r\n\r\n")
         while conn.received < 100 * 1024:
@@ -608,7 +613,7 @@ async def test_client_gone_mid_response(env: Env, spy: Spy) -> None:
         await conn.aclose()
 
         def gone() -> bool:
-            return not reactor.sessions and all(
+            return not sessions(reactor) and all(
                 n.active == 0 for n in gateway.upstream().all_nodes()
             )
 
@@ -730,7 +735,7 @@ async def test_504_closes_the_connection(env: Env, spy: Spy) -> None:
         assert spy.ends == [CLOSE]
         assert gateway.stats.requests[("default", 504)] == 1
         assert_no_active(gateway)
-        assert node_pool().idle_count(state) == 0  # the late node's connection is closed
+        assert gateway.pool.idle_count(state) == 0  # the late node's connection is closed
         await conn.aclose()
 
 
@@ -806,7 +811,7 @@ async def test_shutdown_closes_fast_connections(spy: Spy) -> None:
         with trio.fail_after(10):
             async with trio.open_nursery() as outer:
                 node = await Node().start(outer)
-                reactor = Reactor(PipePool())
+                reactor = Reactor()
                 async with trio.open_nursery() as inner:
                     await inner.start(reactor.run)
                     upstreams = {"web": upstream_runtime("web", [node.address])}
@@ -817,13 +822,13 @@ async def test_shutdown_closes_fast_connections(spy: Spy) -> None:
                     conns.append(busy := await Conn.open(gateway.port))
                     await busy.send(b"GET /slow/30 HTTP/1.1\r\nHost: h\r\n\r\n")
                     await eventually(lambda: any(s.target == b"/slow/30" for s in node.requests))
-                    assert len(reactor.sessions) == 2
+                    assert len(sessions(reactor)) == 2
                     assert gateway.upstream().nodes[0].active == 1
                     inner.cancel_scope.cancel()
                 assert inner.cancel_scope.cancelled_caught  # and nothing else came out
                 assert reactor.stopped
-                assert not reactor.sessions
-                assert not reactor.connectors
+                assert not sessions(reactor)
+                assert not any(isinstance(h, NodeConnector) for h in reactor.handlers.values())
                 assert_no_active(gateway)
                 assert await idle.at_eof()
                 assert await busy.at_eof()
@@ -857,7 +862,7 @@ async def test_draining_closes_idle_and_answers_busy(env: Env, spy: Spy) -> None
         assert target_of(body) == "/slow/0.3"
         assert header(head, b"connection") == b"close"
         assert await busy.at_eof()
-        await eventually(lambda: not env.reactor.sessions)
+        await eventually(lambda: not sessions(env.reactor))
         assert spy.starts == [b"/idle", b"/slow/0.3"]
         assert spy.ends == [CLOSE, CLOSE]
         await idle.aclose()

@@ -35,14 +35,14 @@ from l4gw.config import (
     UpstreamConfig,
     UpstreamTLSConfig,
 )
-from l4gw.http.pool import node_pool
+from l4gw.deadlines import Deadlines
+from l4gw.http.pool import NodePool
 from l4gw.http.proxy import serve_http_connection
 from l4gw.http.tlsstream import accept_tls
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.netaddr import SocketAddress
 from l4gw.ratelimit import RateLimiter
 from l4gw.reactor import Reactor
-from l4gw.relay import PipePool
 from l4gw.runtime import ListenerRuntime, ListenerStats
 from l4gw.upstream import UpstreamRuntime
 
@@ -289,6 +289,9 @@ class Gateway:
     listener: ListenerRuntime
     port: int
     tls_context: ssl.SSLContext | None = None
+    #: The node pool and the deadline sweeper it serves with (the daemon's, in a daemon).
+    pool: NodePool = attrs.field(factory=NodePool)
+    deadlines: Deadlines = attrs.field(factory=Deadlines)
 
     @property
     def base(self) -> str:
@@ -319,8 +322,18 @@ async def start_gateway(
     access_log: bool = False,
     tls_context: ssl.SSLContext | None = None,
     reactor: Reactor | None = None,
+    pool: NodePool | None = None,
+    deadlines: Deadlines | None = None,
     **config: Any,
 ) -> Gateway:
+    """An http listener served by ``serve_http_connection`` in ``nursery``; the node pool and
+    the deadline sweeper (new ones, run in ``nursery``, unless given) are the gateway's."""
+    if pool is None:
+        pool = NodePool()
+        await nursery.start(pool.run)
+    if deadlines is None:
+        deadlines = Deadlines()
+        await nursery.start(deadlines.run)
     listener_config = ListenerConfig(
         name="gw",
         listen=SocketAddress("127.0.0.1", 0),
@@ -349,11 +362,17 @@ async def start_gateway(
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 return
         await serve_http_connection(
-            runtime, stream, (peer[0], peer[1]), tls=tls_context is not None, reactor=reactor
+            runtime,
+            stream,
+            (peer[0], peer[1]),
+            tls=tls_context is not None,
+            pool=pool,
+            deadlines=deadlines,
+            reactor=reactor,
         )
 
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return Gateway(runtime, listeners[0].socket.getsockname()[1], tls_context)
+    return Gateway(runtime, listeners[0].socket.getsockname()[1], tls_context, pool, deadlines)
 
 
 class TLSCerts:
@@ -413,7 +432,7 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
         if request.param.endswith("+tls"):
             certs = request.getfixturevalue("gateway_certs")
         if request.param.startswith("reactor"):
-            reactor = Reactor(PipePool())
+            reactor = Reactor()
             await nursery.start(reactor.run)
 
         async def start(
@@ -710,7 +729,7 @@ async def test_keepalive_reuses_one_node_connection(setup: Setup) -> None:
         await client.aclose()
         assert node.connections == 1
         assert_no_active(gateway)
-        assert node_pool().idle_count(gateway.upstream().nodes[0]) == 1
+        assert gateway.pool.idle_count(gateway.upstream().nodes[0]) == 1
 
 
 async def test_connection_close_response_is_not_reused(setup: Setup) -> None:

@@ -7,7 +7,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import trio
@@ -30,10 +30,14 @@ from .conftest import free_port, sock_read_to_eof, sock_send_all, tcp_pair, wait
 class Conn:
     """client <-> [relay] <-> node; the outer ends are owned (and closed) by the test."""
 
-    def __init__(self, reactor: Reactor, finished: list[Relay], idle: float = 3600.0) -> None:
+    def __init__(
+        self, reactor: Reactor, pipes: PipePool, finished: list[Relay], idle: float = 3600.0
+    ) -> None:
         self.client, proxy_client = tcp_pair()
         proxy_node, self.node = tcp_pair()
-        self.relay = SocketRelay(reactor, proxy_client, proxy_node, idle, finished.append)
+        self.relay = SocketRelay(
+            reactor, proxy_client, proxy_node, idle, finished.append, pipes=pipes
+        )
         self.relay.start()
 
     def close(self) -> None:
@@ -44,12 +48,12 @@ class Conn:
 class Env:
     def __init__(self) -> None:
         self.pool = PipePool()
-        self.reactor = Reactor(self.pool)
+        self.reactor = Reactor()
         self.finished: list[Relay] = []
         self.conns: list[Conn] = []
 
     def conn(self) -> Conn:
-        c = Conn(self.reactor, self.finished)
+        c = Conn(self.reactor, self.pool, self.finished)
         self.conns.append(c)
         return c
 
@@ -327,16 +331,74 @@ async def test_stale_events_of_a_closed_fd_are_not_delivered_to_its_successor(
 # -- shutdown -------------------------------------------------------------------------------
 
 
+class _Owner:
+    """A handler owning some sockets: ``abort`` closes them and leaves the reactor (as every
+    handler does); ``then`` runs inside its abort (e.g. registers someone else)."""
+
+    def __init__(self, reactor: Reactor, socks: list[socket.socket], mask: int) -> None:
+        self.reactor = reactor
+        self.socks = socks
+        self.mask = mask
+        self.aborts: list[str] = []
+        self.then: Callable[[], None] | None = None
+        for sock in socks:
+            reactor.register(sock.fileno(), mask, self)
+
+    def on_event(self, fd: int, mask: int) -> None:
+        pass
+
+    def abort(self, reason: str, *, reset: bool = False) -> None:
+        self.aborts.append(reason)
+        for sock in self.socks:
+            self.reactor.forget(sock.fileno(), self.mask)
+            sock.close()
+        if self.then is not None:
+            self.then()
+
+
+class _Broken(_Owner):
+    def abort(self, reason: str, *, reset: bool = False) -> None:
+        self.aborts.append(reason)
+        raise RuntimeError("bug in a handler")
+
+
+def test_close_all_aborts_every_registered_handler_once() -> None:
+    """Whatever they are: one with two descriptors (aborted once), one with no epoll
+    interest (an idle descriptor parked in the table), one registered by another's abort,
+    and one whose abort fails (logged; the others are still closed)."""
+    reactor = Reactor()
+    pairs = [socket.socketpair() for _ in range(5)]
+    peers = [b for _, b in pairs]
+    two = _Owner(reactor, [pairs[0][0], pairs[1][0]], select.EPOLLIN)
+    parked = _Owner(reactor, [pairs[2][0]], 0)
+    broken = _Broken(reactor, [pairs[3][0]], select.EPOLLIN)
+    late: list[_Owner] = []
+    two.then = lambda: late.append(_Owner(reactor, [pairs[4][0]], select.EPOLLIN))
+    assert reactor.active == 3
+    reactor.close_all()
+    assert two.aborts == parked.aborts == broken.aborts == ["shutdown"]
+    assert [owner.aborts for owner in late] == [["shutdown"]]
+    # Every descriptor but the broken handler's is closed; its peer sees EOF.
+    for index, peer in enumerate(peers):
+        if index != 3:
+            assert peer.recv(1) == b""
+    assert list(reactor.handlers.values()) == [broken]  # it never let go: not called again
+    reactor.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
 async def test_cancellation_closes_everything() -> None:
     pool = PipePool()
-    reactor = Reactor(pool)
+    reactor = Reactor()
     finished: list[Relay] = []
     conns: list[Conn] = []
     failures: list[Exception] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reactor.run)
-            conns = [Conn(reactor, finished) for _ in range(20)]
+            conns = [Conn(reactor, pool, finished) for _ in range(20)]
             # Bulk in flight on some, idle others, half-closed one.
             for c in conns[:5]:
                 c.client.send(os.urandom(200_000))
@@ -344,11 +406,12 @@ async def test_cancellation_closes_everything() -> None:
             await trio.sleep(0.1)
             # A connect still under way when the reactor stops.
             upstream = make_upstream([SocketAddress("127.0.0.1", blackhole_port())])
-            NodeConnector(reactor, upstream, b"k", lambda *a: None, failures.append).start()
-            assert reactor.connectors
+            connector = NodeConnector(reactor, upstream, b"k", lambda *a: None, failures.append)
+            connector.start()
+            assert connector.running and connector in reactor.handlers.values()
             nursery.cancel_scope.cancel()
     assert len(finished) == 20 and all(r.reason == "shutdown" for r in finished)
-    assert reactor.active == 0 and not reactor.handlers and not reactor.connectors
+    assert reactor.active == 0 and not reactor.handlers and not connector.running
     assert [type(f) for f in failures] == [ReactorStopped]
     assert upstream.nodes[0].active == 0
     assert reactor.stopped and reactor.epoll.closed
@@ -359,7 +422,7 @@ async def test_cancellation_closes_everything() -> None:
     assert pool.pipes_open == len(pool._free)  # none held by a relay
     pool.close()
     # Registering after the stop closes at once.
-    late = Conn(reactor, finished)
+    late = Conn(reactor, pool, finished)
     assert late.relay.closed and late.relay.reason == "shutdown"
     late.close()
 
@@ -455,7 +518,7 @@ async def test_connector_retries_past_dead_nodes(env: Env) -> None:
         assert node.connections_total == 1
         env.reactor.forget(sock.fileno(), _mask)
         sock.close()
-    assert not env.reactor.connectors and not env.reactor.handlers
+    assert not env.reactor.handlers
 
 
 async def test_connector_all_failed_and_no_node(env: Env) -> None:

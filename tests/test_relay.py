@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from l4gw import relay as relay_mod
+from l4gw.deadlines import Deadlines
 from l4gw.reactor import Reactor
 from l4gw.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
@@ -28,12 +29,17 @@ class Setup:
         self.proxy_node, self.node = tcp_pair()
         self.finished: list[Relay] = []
         self.pool = PipePool()
-        self.reactor = Reactor(self.pool)
+        self.reactor = Reactor()
 
     def relay(self, idle: float = 3600.0) -> SocketRelay:
         """A relay between the two proxy-side sockets, registered with the reactor."""
         relay = SocketRelay(
-            self.reactor, self.proxy_client, self.proxy_node, idle, self.finished.append
+            self.reactor,
+            self.proxy_client,
+            self.proxy_node,
+            idle,
+            self.finished.append,
+            pipes=self.pool,
         )
         relay.start()
         return relay
@@ -101,7 +107,7 @@ async def test_bytes_both_ways_and_half_close(
         assert not relay.up.splice and not relay.down.splice
     elif size > 1 << 20:  # a bulk flow fills the shared buffer at some point
         assert relay.up.splice and relay.down.splice
-    assert not setup.reactor.handlers and not setup.reactor.relays
+    assert not setup.reactor.handlers
     if not splice:
         assert setup.pool.pipes_open == 0
 
@@ -129,12 +135,13 @@ async def _recv_some(sock: socket.socket) -> bytes:
 
 
 async def test_idle_timeout_closes_both_sides(setup: Setup) -> None:
-    sweeper = IdleSweeper()
+    deadlines = Deadlines()
+    sweeper = IdleSweeper(deadlines)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             relay = setup.relay(idle=0.3)
             sweeper.add(relay)
-            nursery.start_soon(sweeper.run)
+            nursery.start_soon(deadlines.run)
             await sock_send_all(setup.client, b"x")
             assert await _recv_some(setup.node) == b"x"
             assert await sock_read_to_eof(setup.client) == b""
@@ -163,7 +170,7 @@ def test_sweeper_exact_times() -> None:
             self.closed = True
             self.aborted.append(reason)
 
-    sweeper = IdleSweeper()
+    sweeper = IdleSweeper(Deadlines())
     fake = FakeRelay()
     sweeper.relays.add(fake)  # type: ignore[arg-type]
     sweeper.sweep(9.9)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import trio
 
 from .. import logs
+from ..deadlines import Deadlines
 from ..runtime import ListenerRuntime
 from ..upstream import UpstreamRuntime
 from .exchange import Exchange
-from .pool import NodePool, node_pool
+from .pool import NodePool
 from .responses import Record
 from .routes import RouteTable, route_table
-from .timeouts import timeouts
 
 __all__ = ["HttpConn"]
 
@@ -40,6 +40,7 @@ class HttpConn:
         "config",
         "counted_in",
         "counted_out",
+        "deadlines",
         "exchange",
         "listener",
         "pool",
@@ -47,7 +48,14 @@ class HttpConn:
         "tls",
     )
 
-    def __init__(self, listener: ListenerRuntime, client: tuple[str, int], tls: bool) -> None:
+    def __init__(
+        self,
+        listener: ListenerRuntime,
+        client: tuple[str, int],
+        tls: bool,
+        pool: NodePool,
+        deadlines: Deadlines,
+    ) -> None:
         self.listener = listener
         self.client = client
         self.client_ip = client[0]
@@ -61,7 +69,9 @@ class HttpConn:
         self.counted_out = 0
         self.config: object = None
         self.table: RouteTable | None = None
-        self.pool: NodePool = node_pool()
+        #: The daemon's node pool and deadline sweeper.
+        self.pool = pool
+        self.deadlines = deadlines
         self.exchange = Exchange(self, trio.current_time())
 
     # -- what the timeout sweeper reads ---------------------------------------------------
@@ -85,7 +95,7 @@ class HttpConn:
 
     def watch_upstream(self, upstream: UpstreamRuntime) -> None:
         """Make sure the sweeper checks often enough for ``upstream``'s timeouts."""
-        sweeper = timeouts()
+        sweeper = self.deadlines
         sweeper.need(upstream.config.response_timeout)
         sweeper.need(upstream.config.idle_timeout)
 

@@ -175,8 +175,7 @@ class FastConnection:
         except (OSError, ValueError):
             return CLOSE
         self.client_mask = _IN
-        reactor.handlers[self.client_fd] = self
-        reactor.sessions.add(self)
+        reactor.attach(self.client_fd, self)
         self.task = trio.lowlevel.current_task()
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -207,7 +206,6 @@ class FastConnection:
         """Take everything out of the reactor; a node connection still held is closed."""
         self.state = _DONE
         reactor = self.reactor
-        reactor.sessions.discard(self)
         reactor.forget(self.client_fd, self.client_mask)
         self.client_mask = 0
         connector = self.connector
@@ -403,7 +401,7 @@ class FastConnection:
             self.reactor.forget(sock.fileno(), mask)
             self.conn.pool.release(nc, reuse=False)
             return
-        self.reactor.handlers[sock.fileno()] = self
+        self.reactor.attach(sock.fileno(), self)
         self.node_mask = mask
         self._node_ready(nc)
 
@@ -422,7 +420,7 @@ class FastConnection:
         fd = nc.raw.fileno()
         self.node_fd = fd
         reactor = self.reactor
-        reactor.handlers[fd] = self
+        reactor.attach(fd, self)
         if nc.watcher is reactor:  # pooled by this reactor: still in its epoll set
             nc.watcher = None
             self.node_mask = _IN

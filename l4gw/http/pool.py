@@ -12,8 +12,9 @@ The pool:
 
 * keeps at most ``max_idle_per_node`` idle connections per node (newest reused first, the
   oldest closed when full) and closes a connection idle for ``idle_timeout`` seconds (or the
-  upstream's ``idle_timeout`` if shorter). A sweeper runs as a trio system task, one per
-  ``trio.run``;
+  upstream's ``idle_timeout`` if shorter). Its maintenance task (:meth:`NodePool.run`) runs
+  in the daemon's connections nursery, which owns the pool; when it ends (the drain is over,
+  or shutdown) every idle connection is closed and nothing is pooled any more;
 * never takes back a connection after an error, a response with ``Connection: close``, an
   unfinished exchange, a node that left the configuration, or a change of the upstream's TLS
   settings;
@@ -46,7 +47,7 @@ from ..upstream import ConnectPlan, NodeLease, UpstreamRuntime
 from .io import ByteIO, FdIO, StreamIO
 from .wire import ResponseReader
 
-__all__ = ["NodeConnection", "NodePool", "node_pool"]
+__all__ = ["NodeConnection", "NodePool"]
 
 log = structlog.get_logger("l4gw.http")
 
@@ -160,7 +161,12 @@ class NodeConnection:
 
 
 class NodePool:
-    """Idle keep-alive connections per node, and the connect path (see the module docstring)."""
+    """Idle keep-alive connections per node, and the connect path (see the module docstring).
+
+    Resource handling: owns the idle connections; :meth:`run` closes them when it ends, and
+    :meth:`close_idle` at any time. An idle connection watched by a reactor is also one of
+    its handlers: ``Reactor.close_all`` closes it (through ``NodeConnection.abort``).
+    """
 
     def __init__(
         self,
@@ -173,7 +179,8 @@ class NodePool:
         self._idle: dict[NodeState, list[NodeConnection]] = {}
         self.reused = 0
         self.opened = 0
-        self._sweeper_started = False
+        #: Set when :meth:`run` ends: connections given back from then on are closed.
+        self.closed = False
 
     # -- acquiring ---------------------------------------------------------------------
 
@@ -250,7 +257,6 @@ class NodePool:
         except BaseException:
             sock.close()
             raise
-        self._start_sweeper()
         return NodeConnection(lease, raw=raw, sock=sock, stream=stream, tls_config=config.tls)
 
     def take(
@@ -293,7 +299,6 @@ class NodePool:
         """A plain-TCP connection to ``lease.node`` opened elsewhere (by a
         :class:`l4gw.connect.NodeConnector`), handed out as by :meth:`acquire`; it keeps
         ``lease`` (held) for its life."""
-        self._start_sweeper()
         conn = NodeConnection(
             lease,
             raw=raw,
@@ -338,6 +343,7 @@ class NodePool:
             and not conn.reader.buffer
             and conn.tls_config is conn.upstream.config.tls
             and self.max_idle_per_node > 0
+            and not self.closed
         ):
             if watch is not None:
                 watch.forget(conn.raw.fileno(), mask)
@@ -351,7 +357,7 @@ class NodePool:
                 watch.forget(fd, mask)
                 conn.close()
                 return
-            watch.handlers[fd] = conn
+            watch.attach(fd, conn)
             conn.watcher = watch
             conn.watch_pool = self
         conn.reader.reset()
@@ -394,29 +400,15 @@ class NodePool:
                 for conn in self._idle.pop(node):
                     conn.close()
 
-    def _start_sweeper(self) -> None:
-        if self._sweeper_started:
-            return
-        self._sweeper_started = True
-        trio.lowlevel.spawn_system_task(self._sweeper, name="l4gw.http.pool-sweeper")
-
-    async def _sweeper(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close stale idle connections every few seconds until cancelled (run it in the
+        daemon's connections nursery: it ends with the drain); then close every idle
+        connection and pool nothing more."""
+        task_status.started()
         try:
             while True:
                 await trio.sleep(max(0.5, min(self.idle_timeout / 4, 5.0)))
                 self.sweep(trio.current_time())
         finally:
+            self.closed = True
             self.close_idle()
-
-
-_POOL: trio.lowlevel.RunVar[NodePool] = trio.lowlevel.RunVar("l4gw_http_pool")
-
-
-def node_pool() -> NodePool:
-    """The pool of the current ``trio.run`` (created on first use)."""
-    try:
-        return _POOL.get()
-    except LookupError:
-        pool = NodePool()
-        _POOL.set(pool)
-        return pool

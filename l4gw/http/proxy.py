@@ -44,6 +44,7 @@ import h11
 import structlog
 import trio
 
+from ..deadlines import Deadlines
 from ..errors import GatewayError
 from ..proxyproto import encode_v1, encode_v2
 from ..reactor import Reactor
@@ -66,10 +67,9 @@ from .exchange import (
 from .fastpath import HANDOFF, FastConnection
 from .headers import connection_tokens, is_upgrade_request, response_headers
 from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
-from .pool import NodeConnection
+from .pool import NodeConnection, NodePool
 from .responses import DEFAULT_KEEPALIVE, MAX_HEAD, NO_ROUTE
 from .strict import FOLD_MESSAGE, REFUSE, START, head_refusal, scan_head
-from .timeouts import timeouts
 from .tlsstream import TLSStream
 from .wire import LAST_CHUNK, chunk, response_head
 
@@ -115,6 +115,8 @@ async def serve_http_connection(
     client: tuple[str, int],
     *,
     tls: bool,
+    pool: NodePool,
+    deadlines: Deadlines,
     reactor: Reactor | None = None,
 ) -> str:
     """Serve HTTP/1.1 requests from one client connection until it ends; returns the
@@ -124,7 +126,8 @@ async def serve_http_connection(
     ``client`` is the client's address (from the socket, or from an accepted PROXY header);
     ``tls`` says the listener terminated TLS (``X-Forwarded-Proto: https``). With a
     ``reactor``, a plain-TCP connection is served from it between the requests that need
-    this task (see :mod:`l4gw.http.fastpath`).
+    this task (see :mod:`l4gw.http.fastpath`). ``pool`` and ``deadlines`` are the daemon's
+    node pool and deadline sweeper (the connection is registered there while it lasts).
 
     Resource handling: owns ``stream`` and closes it before returning (after an error
     response with request bytes unread, it first reads and discards them for up to
@@ -135,13 +138,13 @@ async def serve_http_connection(
     Every request is counted in ``listener.stats.requests`` and ``durations``; the bytes read
     from and written to the client in ``stats.bytes_in``/``bytes_out``.
     """
-    handler = _Handler(listener, stream, client, tls)
+    handler = _Handler(listener, stream, client, tls, pool, deadlines)
     if reactor is not None and type(handler.io) in (FdIO, TLSStream):
         handler.reactor = reactor
-    sweeper = timeouts()
+    sweeper = deadlines
     sweeper.need(listener.config.header_timeout)
     sweeper.need(listener.config.idle_timeout or DEFAULT_KEEPALIVE)
-    sweeper.add(handler)
+    sweeper.add_keepalive(handler)
     try:
         with handler.scope:
             try:
@@ -151,7 +154,7 @@ async def serve_http_connection(
         if handler.expired is not None:
             await handler.timed_out(handler.expired)
     finally:
-        sweeper.handlers.discard(handler)
+        sweeper.discard_keepalive(handler)
         handler.finish()
         await handler.close()
     return "denied" if handler.exchange.denied else "proxied"
@@ -180,8 +183,10 @@ class _Handler(HttpConn):
         stream: trio.abc.Stream,
         client: tuple[str, int],
         tls: bool,
+        pool: NodePool,
+        deadlines: Deadlines,
     ) -> None:
-        super().__init__(listener, client, tls)
+        super().__init__(listener, client, tls, pool, deadlines)
         self.stream = stream
         self.io = io_for_stream(stream)
         self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
