@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw import config as config_module
 from l4gw.config import (
     AuthorizeRule,
     Config,
@@ -33,6 +32,7 @@ from l4gw.config import (
     parse_duration,
     path_variables,
 )
+from l4gw.config import load as config_module
 from l4gw.netaddr import SocketAddress
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "conf.toml.example"

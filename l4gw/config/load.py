@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 import attrs
 
-from .netaddr import (
+from ..netaddr import (
     IPAddress,
     IPNetwork,
     SocketAddress,
