@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import ipaddress
 from pathlib import Path
@@ -1410,3 +1411,30 @@ def test_describe_summarises_listeners_upstreams_nodes_and_authorization() -> No
     plain = describe(parse_config(base()))
     assert "authorization: none" in plain
     assert "no active check" in plain
+
+
+# The package's shape
+
+
+def test_config_modules_import_one_way_only() -> None:
+    """model <- values <- load, and describe reads model and values: no cycle, no module
+    importing the loader, and nothing in the package imports trio (it is no I/O)."""
+    package = Path(config_module.__file__).parent
+    allowed = {
+        "model": set(),
+        "values": set(),
+        "load": {"model", "values"},
+        "describe": {"model", "values"},
+    }
+    assert {p.stem for p in package.glob("*.py")} == {*allowed, "__init__"}
+    for name, may_import in allowed.items():
+        tree = ast.parse((package / f"{name}.py").read_text())
+        siblings: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    siblings.add(node.module or "")
+                assert not (node.module or "").startswith("trio"), name
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("trio") for alias in node.names), name
+        assert siblings <= may_import, (name, siblings - may_import)

@@ -1,11 +1,12 @@
-"""The configuration model and its loader: TOML -> frozen attrs classes.
+"""The loader: TOML -> a checked :class:`~.model.Config`, every problem with its key path.
 
 No I/O except reading the file in :func:`load_config`. :func:`parse_config` checks the whole
 document and reports every problem at once, each as ``"key.path: message"`` (for example
 ``upstreams.web.nodes[2].weight: must be an integer 0..1000 (got 1001)``), so an operator can
-fix a file in one pass. Unknown keys are errors at every level.
-
-The running daemon never mutates a :class:`Config`; a reload builds a new one and swaps it.
+fix a file in one pass. Unknown keys are errors at every level. Single values are checked by
+:mod:`.values`; this module walks the tables, collects the problems (:class:`_Problems`,
+:class:`_Table`) and checks what involves several keys (references to upstreams, duplicate
+names, conflicting binds, node authorization).
 
 Defaults worth knowing:
 
@@ -17,360 +18,78 @@ Defaults worth knowing:
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from fractions import Fraction
-from typing import Any, Literal, TypeVar, cast, get_args
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast, get_args
 
-import attrs
-
-from ..netaddr import (
-    IPAddress,
-    IPNetwork,
-    SocketAddress,
-    parse_network,
-    parse_port,
-    parse_port_range,
-    parse_socket_address,
+from ..netaddr import IPNetwork, SocketAddress, parse_network, parse_port, parse_socket_address
+from .model import (
+    DEFAULT_ADMIN,
+    HTTP_ALPN,
+    AuthorizeRule,
+    Balance,
+    Config,
+    ConfigError,
+    DaemonConfig,
+    DiscoveryConfig,
+    DiscoveryType,
+    HealthCheck,
+    HealthConfig,
+    ListenerConfig,
+    ListenerMode,
+    ListenerTLSConfig,
+    LogFormat,
+    LogLevel,
+    NodeConfig,
+    ProxyProtocol,
+    RouteConfig,
+    TLSCertificateConfig,
+    TLSVersion,
+    UpstreamConfig,
+    UpstreamTLSConfig,
+)
+from .values import (
+    _address,
+    _alpn,
+    _bool,
+    _check_path_text,
+    _check_rewrite,
+    _choice,
+    _dns_name,
+    _duration,
+    _expect,
+    _integer,
+    _Invalid,
+    _list_of,
+    _method,
+    _name,
+    _networks,
+    _no_space,
+    _nonempty,
+    _number,
+    _optional_address,
+    _optional_text,
+    _port_range,
+    _resolver,
+    _route_host,
+    _show,
+    _string,
+    _tls_version,
+    format_duration,
+    path_variables,
 )
 
-__all__ = [
-    "AuthorizeRule",
-    "Config",
-    "ConfigError",
-    "DaemonConfig",
-    "DiscoveryConfig",
-    "HealthConfig",
-    "ListenerConfig",
-    "ListenerTLSConfig",
-    "NodeConfig",
-    "RouteConfig",
-    "TLSCertificateConfig",
-    "UpstreamConfig",
-    "UpstreamTLSConfig",
-    "describe",
-    "format_duration",
-    "load_config",
-    "parse_config",
-    "parse_duration",
-    "path_variables",
-]
-
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["json", "console"]
-HealthCheck = Literal["none", "tcp", "http"]
-DiscoveryType = Literal["A", "AAAA", "SRV"]
-Balance = Literal["round_robin", "least_conn", "random_two", "source_hash"]
-ProxyProtocol = Literal["off", "v1", "v2"]
-ListenerMode = Literal["tcp", "http"]
-TLSVersion = Literal["1.2", "1.3"]
-
-
-DEFAULT_ADMIN = SocketAddress("127.0.0.1", 9901)
-#: ALPN protocols a ``mode = "http"`` listener may offer (it speaks HTTP/1.x only).
-HTTP_ALPN = ("http/1.1", "http/1.0")
-
-
-class ConfigError(Exception):
-    """The configuration is invalid. ``problems`` holds one ``"key.path: message"`` each."""
-
-    def __init__(self, problems: Iterable[str], *, source: str = "<config>") -> None:
-        self.problems: list[str] = list(problems)
-        self.source = source
-        super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
-
-
-# --------------------------------------------------------------------------------------------
-# Durations
-
-_DURATION_RE = re.compile(
-    r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(ms|s|m|h)\s*\Z", re.ASCII
-)
-_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600)}
-_DURATION_HELP = 'a number of seconds or a string with a unit: "250ms", "5s", "2m", "1h"'
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a non-negative number or a string with a unit (``ms``, ``s``, ``m``, ``h``).
-
-    ``"1.5s"`` is 1.5; ``"250ms"`` is exactly ``250 / 1000``. Raises ``ValueError`` for
-    anything else, booleans included.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"must be a duration, {_DURATION_HELP} (got {_show(value)})")
-    try:
-        if isinstance(value, str):
-            match = _DURATION_RE.match(value)
-            if match is None:
-                raise ValueError(f"must be a duration, {_DURATION_HELP} (got {_show(value)})")
-            seconds = float(Fraction(match[1]) * _UNITS[match[2]])
-        else:
-            seconds = float(value)
-    except OverflowError:
-        raise ValueError(f"duration {_show(value)} is too large") from None
-    if not math.isfinite(seconds):
-        raise ValueError(f"must be a finite duration (got {_show(value)})")
-    if seconds < 0:
-        raise ValueError(f"must not be negative (got {_show(value)})")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest unit string that :func:`parse_duration` turns back into ``seconds``."""
-    if seconds == 0:
-        return "0s"
-    millis = round(seconds * 1000)
-    if millis / 1000 == seconds:
-        for unit, factor in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-            if millis % factor == 0:
-                return f"{millis // factor}{unit}"
-        return f"{millis}ms"
-    return f"{seconds!r}s"
-
-
-# --------------------------------------------------------------------------------------------
-# The model
-
-
-@attrs.frozen
-class DaemonConfig:
-    """``[daemon]``."""
-
-    admin: SocketAddress | None = DEFAULT_ADMIN
-    log_level: LogLevel = "info"
-    log_format: LogFormat = "json"
-    access_log: bool = True
-    drain_timeout: float = 30.0
-    #: Processes sharing the ports (SO_REUSEPORT); 0 = one per CPU.
-    workers: int = 1
-
-
-@attrs.frozen
-class AuthorizeRule:
-    """One ``[[authorize]]`` entry: backend addresses and ports that may be reached."""
-
-    name: str
-    network: IPNetwork
-    #: Inclusive ``(low, high)`` ranges; a single port is ``(p, p)``.
-    ports: tuple[tuple[int, int], ...]
-
-    def permits(self, ip: IPAddress, port: int) -> bool:
-        if not any(low <= port <= high for low, high in self.ports):
-            return False
-        if ip in self.network:
-            return True
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        return mapped is not None and mapped in self.network
-
-    def permits_address(self, address: SocketAddress) -> bool:
-        return self.permits(address.ip, address.port)
-
-    @property
-    def ports_text(self) -> str:
-        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports)
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.network} ports {self.ports_text})"
-
-
-@attrs.frozen
-class HealthConfig:
-    """``[upstreams.X.health]``: active checks (off unless ``check`` is set) and passive
-    ejection (on by default: ``passive_failures`` consecutive connect failures eject a node for
-    ``ejection_time``, doubling up to ``max_ejection_time``)."""
-
-    check: HealthCheck = "none"
-    path: str = "/"
-    #: Inclusive range of HTTP statuses counted as a pass.
-    expect: tuple[int, int] = (200, 399)
-    interval: float = 5.0
-    timeout: float = 2.0
-    healthy_threshold: int = 3
-    unhealthy_threshold: int = 3
-    fail_open: bool = True
-    passive_failures: int = 3
-    ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
-    max_ejected_percent: int = 50
-
-
-@attrs.frozen
-class DiscoveryConfig:
-    """``[upstreams.X.discovery]``: nodes found in DNS."""
-
-    name: str
-    type: DiscoveryType = "A"
-    #: Required for A/AAAA; None for SRV (the records carry the port).
-    port: int | None = None
-    interval: float = 30.0
-    #: DNS server to ask; None = the system's resolver.
-    resolver: SocketAddress | None = None
-    #: Weight of nodes found by A/AAAA (SRV records carry their own).
-    weight: int = 1
-
-
-@attrs.frozen
-class UpstreamTLSConfig:
-    """``[upstreams.X.tls]``: connect to the nodes over TLS."""
-
-    verify: bool = True
-    ca: str | None = None
-    server_name: str | None = None
-
-
-@attrs.frozen
-class NodeConfig:
-    address: SocketAddress
-    #: 0..1000; 0 = drained (no new connections).
-    weight: int = 1
-
-
-@attrs.frozen
-class UpstreamConfig:
-    """``[upstreams.NAME]``."""
-
-    name: str
-    balance: Balance = "round_robin"
-    retries: int = 5
-    connect_timeout: float = 3.0
-    idle_timeout: float = 350.0
-    proxy_protocol: ProxyProtocol = "off"
-    host_header: str = ""
-    max_connections_per_node: int = 0
-    response_timeout: float = 60.0
-    nodes: tuple[NodeConfig, ...] = ()
-    health: HealthConfig = attrs.field(factory=HealthConfig)
-    discovery: DiscoveryConfig | None = None
-    tls: UpstreamTLSConfig | None = None
-
-
-@attrs.frozen
-class TLSCertificateConfig:
-    cert: str
-    key: str
-
-
-@attrs.frozen
-class ListenerTLSConfig:
-    """``[listeners.tls]``: terminate TLS on the listener."""
-
-    certificates: tuple[TLSCertificateConfig, ...]
-    min_version: TLSVersion = "1.2"
-    alpn: tuple[str, ...] = ("http/1.1",)
-
-
-@attrs.frozen
-class RouteConfig:
-    """``[[listeners.routes]]`` (http mode; the first match wins)."""
-
-    #: Exact host name or ``"*.suffix"``, lower case; None = any host.
-    host: str | None = attrs.field(default=None, kw_only=True)
-    #: Path template: literal segments, ``{name}`` and a final greedy ``{name+}``.
-    path: str
-    #: Upper-case method names; empty = any method.
-    methods: tuple[str, ...] = attrs.field(default=(), kw_only=True)
-    upstream: str
-    rewrite: str | None = None
-    host_header: str | None = None
-
-
-@attrs.frozen
-class ListenerConfig:
-    """``[[listeners]]``."""
-
-    name: str
-    listen: SocketAddress
-    mode: ListenerMode = "tcp"
-    #: The upstream in tcp mode; the fallback when no route matches in http mode.
-    upstream: str | None = None
-    allow: tuple[IPNetwork, ...] = ()
-    deny: tuple[IPNetwork, ...] = ()
-    accept_proxy_protocol: bool = False
-    proxy_protocol_from: tuple[IPNetwork, ...] = ()
-    max_connections: int = 0
-    #: New connections (tcp) or requests (http) per second per source IP; 0 = off.
-    rate_limit: float = 0.0
-    #: Bucket size; 0 = the rate rounded up (see :attr:`burst`).
-    rate_limit_burst: int = 0
-    header_timeout: float = 10.0
-    #: http mode keep-alive idle time between requests; None = the proxy's default.
-    idle_timeout: float | None = None
-    tls: ListenerTLSConfig | None = None
-    routes: tuple[RouteConfig, ...] = ()
-
-    @property
-    def burst(self) -> int:
-        """The effective token-bucket size (at least 1 when rate limiting is on)."""
-        if self.rate_limit_burst:
-            return self.rate_limit_burst
-        return max(1, math.ceil(self.rate_limit)) if self.rate_limit > 0 else 0
-
-
-@attrs.frozen
-class Config:
-    """The whole file."""
-
-    daemon: DaemonConfig = attrs.field(factory=DaemonConfig)
-    authorize: tuple[AuthorizeRule, ...] = ()
-    #: By name, in file order.
-    upstreams: Mapping[str, UpstreamConfig] = attrs.field(factory=dict, hash=False)
-    listeners: tuple[ListenerConfig, ...] = ()
-
-    @property
-    def authorization_enabled(self) -> bool:
-        """True once any ``[[authorize]]`` entry exists (then anything else is denied)."""
-        return bool(self.authorize)
-
-    def authorization_for(self, address: SocketAddress) -> AuthorizeRule | None:
-        """The first entry permitting ``address``, or None (denied if authorization is on)."""
-        ip = address.ip
-        for rule in self.authorize:
-            if rule.permits(ip, address.port):
-                return rule
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# Validation machinery: parsers raise ValueError; tables collect the problems with key paths.
+__all__ = ["load_config", "parse_config"]
 
 T = TypeVar("T")
 
+# --------------------------------------------------------------------------------------------
+# Problems with key paths: tables collect them while the parsers of .values raise ValueError.
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_VAR_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_VAR_NAME_RE = re.compile(_VAR_NAME + r"\Z")
-_SEGMENT_VAR_RE = re.compile(r"\{(" + _VAR_NAME + r")(\+?)\}\Z")
-_BRACED_RE = re.compile(r"\{([^{}]*)\}")
-_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-
-
-class _Invalid(ValueError):
-    """Several problems under one key, as ``(path suffix, message)`` pairs."""
-
-    def __init__(self, errors: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{suffix}: {message}" for suffix, message in errors))
-        self.errors = errors
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return str(value)
 
 
 def _key(key: str) -> str:
@@ -469,274 +188,6 @@ def _array_of_tables(
             failed.add(key)
             problems.add(f"{path}[{index}]", f"must be a table (got {_show(item)})")
     return result
-
-
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string (got {_show(value)})")
-    return value
-
-
-def _nonempty(value: object) -> str:
-    text = _string(value)
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _optional_text(value: object) -> str | None:
-    """A string where ``""`` means "not set"."""
-    return _string(value) or None
-
-
-def _no_space(value: object) -> str:
-    text = _string(value)
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise ValueError(f"must not contain spaces or control characters (got {_show(text)})")
-    return text
-
-
-def _name(value: object) -> str:
-    text = _nonempty(value)
-    if not _NAME_RE.match(text):
-        raise ValueError(
-            'must be a name of up to 64 letters, digits, "_", "-" or ".", starting with a '
-            f"letter or digit (got {_show(text)})"
-        )
-    return text
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false (got {_show(value)})")
-    return value
-
-
-def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
-    wanted = f"an integer {low}..{high}" if high is not None else f"an integer >= {low}"
-
-    def parse(value: object) -> int:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < low
-            or (high is not None and value > high)
-        ):
-            raise ValueError(f"must be {wanted} (got {_show(value)})")
-        return value
-
-    return parse
-
-
-def _number(value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"must be a number >= 0 (got {_show(value)})")
-    return float(value)
-
-
-def _choice(allowed: Sequence[str], *, fold_case: bool = False) -> Callable[[object], Any]:
-    def parse(value: object) -> str:
-        text = value.upper() if fold_case and isinstance(value, str) else value
-        if not isinstance(text, str) or text not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)} (got {_show(value)})")
-        return text
-
-    return parse
-
-
-def _duration(*, positive: bool) -> Callable[[object], float]:
-    def parse(value: object) -> float:
-        seconds = parse_duration(value)
-        if positive and seconds == 0:
-            raise ValueError("must be greater than 0")
-        return seconds
-
-    return parse
-
-
-def _address(*, allow_port_zero: bool = False) -> Callable[[object], SocketAddress]:
-    def parse(value: object) -> SocketAddress:
-        return parse_socket_address(value, allow_port_zero=allow_port_zero)
-
-    return parse
-
-
-def _optional_address(*, allow_port_zero: bool = False) -> Callable[[object], Any]:
-    def parse(value: object) -> SocketAddress | None:
-        if value == "":
-            return None
-        return parse_socket_address(value, allow_port_zero=allow_port_zero)
-
-    return parse
-
-
-def _resolver(value: object) -> SocketAddress | None:
-    """``""`` = the system's resolver; an IP without a port means port 53."""
-    if value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            return SocketAddress(str(ipaddress.ip_address(value)), 53)
-        except ValueError:
-            pass
-    return parse_socket_address(value)
-
-
-def _list_of(
-    item: Callable[[Any], T], *, nonempty: bool = False, what: str = "an array"
-) -> Callable[[object], tuple[T, ...]]:
-    def parse(value: object) -> tuple[T, ...]:
-        if not isinstance(value, list):
-            raise ValueError(f"must be {what} (got {_show(value)})")
-        if nonempty and not value:
-            raise ValueError("must not be empty")
-        result: list[T] = []
-        errors: list[tuple[str, str]] = []
-        for index, element in enumerate(value):
-            try:
-                result.append(item(element))
-            except ValueError as exc:
-                errors.append((f"[{index}]", str(exc)))
-        if errors:
-            raise _Invalid(errors)
-        return tuple(result)
-
-    return parse
-
-
-_networks = _list_of(parse_network, what="an array of IP addresses or CIDRs")
-
-
-def _dns_name(value: object) -> str:
-    """A DNS name (underscores allowed, for SRV names), lower case, without the final dot."""
-    text = _nonempty(value)
-    name = text.removesuffix(".")
-    labels = name.split(".")
-    if len(name) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
-        raise ValueError(f"{_show(text)} is not a valid DNS name")
-    return name.lower()
-
-
-def _route_host(value: object) -> str | None:
-    text = _string(value)
-    if not text:
-        return None
-    if ":" in text:
-        raise ValueError(f"{_show(text)}: write the host without a port")
-    try:
-        if text.startswith("*."):
-            return "*." + _dns_name(text[2:])
-        return _dns_name(text)
-    except ValueError:
-        raise ValueError(f'must be a host name or "*.suffix" (got {_show(text)})') from None
-
-
-def _method(value: object) -> str:
-    text = _nonempty(value)
-    if not _TOKEN_RE.match(text):
-        raise ValueError(f"{_show(text)} is not an HTTP method")
-    return text.upper()
-
-
-def _port_range(value: object) -> tuple[int, int]:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f'must be a port or a range "low-high" (got {_show(value)})')
-    return parse_port_range(value)
-
-
-def _expect(value: object) -> tuple[int, int]:
-    """An HTTP status (``200``, ``"200"``) or an inclusive range (``"200-399"``)."""
-    message = f'must be a status 100..599 or a range like "200-399" (got {_show(value)})'
-    if isinstance(value, bool):
-        raise ValueError(message)
-    if isinstance(value, int):
-        low = high = value
-    elif isinstance(value, str):
-        low_text, _, high_text = value.partition("-")
-        high_text = high_text or low_text
-        if not (low_text.strip().isdigit() and high_text.strip().isdigit()):
-            raise ValueError(message)
-        low, high = int(low_text), int(high_text)
-    else:
-        raise ValueError(message)
-    if not (100 <= low <= high <= 599):
-        raise ValueError(message)
-    return (low, high)
-
-
-def _tls_version(value: object) -> str:
-    text = str(value) if isinstance(value, float) else value
-    if not isinstance(text, str) or text not in ("1.2", "1.3"):
-        raise ValueError(f'must be "1.2" or "1.3" (got {_show(value)})')
-    return text
-
-
-def _alpn(value: object) -> str:
-    text = _nonempty(value)
-    if not text.isascii() or len(text) > 255 or not text.isprintable():
-        raise ValueError(f"{_show(text)} is not an ALPN protocol name")
-    return text
-
-
-def _check_path_text(value: object, *, what: str) -> str:
-    text = _string(value)
-    if not text.startswith("/"):
-        raise ValueError(f'{what} must start with "/" (got {_show(text)})')
-    if any(c.isspace() or not c.isprintable() or c == "#" for c in text):
-        raise ValueError(f'{what} must not contain spaces, control characters or "#"')
-    return text
-
-
-def path_variables(template: str) -> dict[str, bool]:
-    """The variables of a route path template, mapped to True for the greedy one.
-
-    ``"/users/{id}/files/{rest+}"`` -> ``{"id": False, "rest": True}``. A variable is a whole
-    segment; the greedy ``{name+}`` may only be the last segment. Raises ``ValueError``.
-    """
-    text = _check_path_text(template, what="path")
-    if "?" in text:
-        raise ValueError('path must not contain "?" (routes match the path only)')
-    segments = text[1:].split("/")
-    variables: dict[str, bool] = {}
-    for index, segment in enumerate(segments):
-        if "{" not in segment and "}" not in segment:
-            continue
-        match = _SEGMENT_VAR_RE.match(segment)
-        if match is None:
-            raise ValueError(
-                f"segment {_show(segment)}: a variable is a whole segment, {{name}} or "
-                "{name+}, its name letters, digits and _ (not starting with a digit)"
-            )
-        name, greedy = match[1], bool(match[2])
-        if name in variables:
-            raise ValueError(f"variable {{{name}}} appears twice")
-        if greedy and index != len(segments) - 1:
-            raise ValueError(f"the greedy variable {{{name}+}} must be the last segment")
-        variables[name] = greedy
-    return variables
-
-
-def _check_rewrite(value: object, variables: Mapping[str, bool]) -> str:
-    """A rewrite may use only the path's variables (``{name}`` or ``{name+}`` for greedy)."""
-    text = _check_path_text(value, what="rewrite")
-    for match in _BRACED_RE.finditer(text):
-        inner = match[1]
-        name = inner.removesuffix("+")
-        if not _VAR_NAME_RE.match(name):
-            raise ValueError(f"{{{inner}}} is not a variable reference")
-        if name not in variables:
-            known = ", ".join(f"{{{v}}}" for v in variables) or "none"
-            raise ValueError(f"{{{name}}} is not a variable of the path (variables: {known})")
-        if inner.endswith("+") and not variables[name]:
-            raise ValueError(f"{{{inner}}}: {{{name}}} is not greedy in the path")
-    if "{" in _BRACED_RE.sub("", text) or "}" in _BRACED_RE.sub("", text):
-        raise ValueError(f"unbalanced braces in {_show(text)}")
-    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -1258,110 +709,3 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             problem = f"{source}: {text}"
         raise ConfigError([f"{problem} (TOML syntax error)"], source=source) from None
     return parse_config(data, source=source)
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-
-
-def _table_lines(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
-    return [
-        (
-            indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
-
-
-def _describe_health(health: HealthConfig) -> str:
-    if health.check == "none":
-        active = "no active check"
-    else:
-        active = f"{health.check} check every {format_duration(health.interval)}"
-        if health.check == "http":
-            low, high = health.expect
-            expect = str(low) if low == high else f"{low}-{high}"
-            active += f" GET {health.path} expect {expect}"
-    passive = (
-        f"eject after {health.passive_failures} failures"
-        if health.passive_failures
-        else "no passive ejection"
-    )
-    return f"{active}, {passive}"
-
-
-def describe(config: Config) -> str:
-    """The one-screen summary printed by ``l4gw check``."""
-    d = config.daemon
-    lines = [
-        f"daemon: admin {d.admin or 'off'}, workers {d.workers or 'one per CPU'}, "
-        f"log {d.log_level} ({d.log_format}), access log {'on' if d.access_log else 'off'}, "
-        f"drain {format_duration(d.drain_timeout)}",
-        "",
-        f"listeners ({len(config.listeners)}):",
-    ]
-    rows: list[list[str]] = []
-    for listener in config.listeners:
-        if listener.mode == "tcp":
-            target = f"-> {listener.upstream}"
-        else:
-            target = f"{len(listener.routes)} route(s)"
-            if listener.upstream:
-                target += f", fallback {listener.upstream}"
-        rows.append(
-            [
-                listener.name,
-                str(listener.listen),
-                listener.mode,
-                target,
-                f"tls {'yes' if listener.tls else 'no'}",
-                f"allow {len(listener.allow)}",
-                f"deny {len(listener.deny)}",
-            ]
-        )
-    for listener, row in zip(config.listeners, _table_lines(rows), strict=True):
-        lines.append(row)
-        extras = []
-        if listener.accept_proxy_protocol:
-            extras.append("accepts PROXY header")
-        if listener.max_connections:
-            extras.append(f"max {listener.max_connections} connections")
-        if listener.rate_limit:
-            extras.append(f"rate limit {listener.rate_limit:g}/s burst {listener.burst}")
-        if extras:
-            lines.append(f"      {'; '.join(extras)}")
-        for route in listener.routes:
-            methods = ",".join(route.methods) or "any"
-            rewrite = f" rewrite {route.rewrite}" if route.rewrite else ""
-            lines.append(
-                f"      route {route.host or '*'} {route.path} [{methods}] -> "
-                f"{route.upstream}{rewrite}"
-            )
-    lines.extend(["", f"upstreams ({len(config.upstreams)}):"])
-    for name, upstream in config.upstreams.items():
-        parts = [upstream.balance, f"retries {upstream.retries}", _describe_health(upstream.health)]
-        if upstream.proxy_protocol != "off":
-            parts.append(f"PROXY {upstream.proxy_protocol}")
-        if upstream.tls is not None:
-            parts.append("tls" + ("" if upstream.tls.verify else " (no verify)"))
-        lines.append(f"  {name}: {', '.join(parts)}")
-        if upstream.discovery is not None:
-            disc = upstream.discovery
-            port = f":{disc.port}" if disc.port is not None else ""
-            lines.append(
-                f"    discovery {disc.type} {disc.name}{port} every "
-                f"{format_duration(disc.interval)} via {disc.resolver or 'system resolver'}"
-            )
-        rows = [
-            [str(node.address), f"weight {node.weight}" + (" (drained)" if not node.weight else "")]
-            for node in upstream.nodes
-        ]
-        lines.extend(_table_lines(rows, indent="    "))
-    lines.append("")
-    if config.authorize:
-        lines.append(f"authorization ({len(config.authorize)} entries; other nodes refused):")
-        lines.extend(f"  {rule}" for rule in config.authorize)
-    else:
-        lines.append("authorization: none (any node address may be reached)")
-    return "\n".join(lines)
