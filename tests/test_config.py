@@ -1102,6 +1102,43 @@ def test_valid_rewrites(path: str, rewrite: str) -> None:
     assert config.listeners[0].routes[0].rewrite == rewrite
 
 
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        (
+            {"path": "/a/%2F"},
+            """listeners[0].routes[0].path: segment "%2F": path contains %2F (an encoded '/')""",
+        ),
+        (
+            {"path": "/a/b%5cc/{x}"},
+            """listeners[0].routes[0].path: segment "b%5cc": path contains %5C (an encoded""",
+        ),
+        ({"path": "/%00"}, 'listeners[0].routes[0].path: segment "%00": path contains %00'),
+        (
+            {"path": "/100%/{x}"},
+            'listeners[0].routes[0].path: segment "100%": malformed percent-escape in path segment',
+        ),
+        (
+            {"path": "/u/{id}", "rewrite": "/v%2F{id}"},
+            """listeners[0].routes[0].rewrite: rewrite "/v%2F{id}": path contains %2F (an enc""",
+        ),
+        (
+            {"path": "/u/{id}", "rewrite": "/v/{id}/%zz"},
+            """listeners[0].routes[0].rewrite: rewrite "/v/{id}/%zz": malformed percent-escape""",
+        ),
+    ],
+)
+def test_route_literals_need_escapes_a_request_path_may_have(
+    route: dict[str, Any], expected: str
+) -> None:
+    """A literal that the route matcher cannot compile (an escape a request path may not have)
+    is refused by the check, not found by the first request on the listener."""
+    assert_problems(http_doc(**route), expected)
+    # Escapes a request path may have are fine, and kept as written.
+    config = parse_config(http_doc(path="/caf%C3%A9/%7e/{x}", rewrite="/%41/{x}"))
+    assert config.listeners[0].routes[0].path == "/caf%C3%A9/%7e/{x}"
+
+
 # ---------------------------------------------------------------------------------------------
 # [[authorize]]
 

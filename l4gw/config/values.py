@@ -4,7 +4,8 @@ Each validator takes one TOML value and returns the typed value or raises ``Valu
 text is the message shown after the key path (``"must be an integer 0..1000 (got 1001)"``);
 :class:`_Invalid` carries several such problems under sub-paths (an array's items). The
 underscore names are private to the ``l4gw.config`` package; :func:`parse_duration`,
-:func:`format_duration` and :func:`path_variables` are public. No I/O.
+:func:`format_duration` and :func:`path_variables` are public. Route paths and rewrites follow
+the one grammar in :mod:`l4gw.templates`, which the route matcher compiles too. No I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fractions import Fraction
 from typing import Any, TypeVar
 
 from ..netaddr import SocketAddress, parse_network, parse_port_range, parse_socket_address
+from ..templates import check_path_text, parse_rewrite, path_variables
 
 __all__ = ["format_duration", "parse_duration", "path_variables"]
 
@@ -75,10 +77,6 @@ def format_duration(seconds: float) -> str:
 T = TypeVar("T")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_VAR_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_VAR_NAME_RE = re.compile(_VAR_NAME + r"\Z")
-_SEGMENT_VAR_RE = re.compile(r"\{(" + _VAR_NAME + r")(\+?)\}\Z")
-_BRACED_RE = re.compile(r"\{([^{}]*)\}")
 _DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
@@ -316,56 +314,13 @@ def _alpn(value: object) -> str:
 
 
 def _check_path_text(value: object, *, what: str) -> str:
-    text = _string(value)
-    if not text.startswith("/"):
-        raise ValueError(f'{what} must start with "/" (got {_show(text)})')
-    if any(c.isspace() or not c.isprintable() or c == "#" for c in text):
-        raise ValueError(f'{what} must not contain spaces, control characters or "#"')
-    return text
-
-
-def path_variables(template: str) -> dict[str, bool]:
-    """The variables of a route path template, mapped to True for the greedy one.
-
-    ``"/users/{id}/files/{rest+}"`` -> ``{"id": False, "rest": True}``. A variable is a whole
-    segment; the greedy ``{name+}`` may only be the last segment. Raises ``ValueError``.
-    """
-    text = _check_path_text(template, what="path")
-    if "?" in text:
-        raise ValueError('path must not contain "?" (routes match the path only)')
-    segments = text[1:].split("/")
-    variables: dict[str, bool] = {}
-    for index, segment in enumerate(segments):
-        if "{" not in segment and "}" not in segment:
-            continue
-        match = _SEGMENT_VAR_RE.match(segment)
-        if match is None:
-            raise ValueError(
-                f"segment {_show(segment)}: a variable is a whole segment, {{name}} or "
-                "{name+}, its name letters, digits and _ (not starting with a digit)"
-            )
-        name, greedy = match[1], bool(match[2])
-        if name in variables:
-            raise ValueError(f"variable {{{name}}} appears twice")
-        if greedy and index != len(segments) - 1:
-            raise ValueError(f"the greedy variable {{{name}+}} must be the last segment")
-        variables[name] = greedy
-    return variables
+    """A path such as a health check's (see :func:`l4gw.templates.check_path_text`)."""
+    return check_path_text(_string(value), what=what)
 
 
 def _check_rewrite(value: object, variables: Mapping[str, bool]) -> str:
-    """A rewrite may use only the path's variables (``{name}`` or ``{name+}`` for greedy)."""
-    text = _check_path_text(value, what="rewrite")
-    for match in _BRACED_RE.finditer(text):
-        inner = match[1]
-        name = inner.removesuffix("+")
-        if not _VAR_NAME_RE.match(name):
-            raise ValueError(f"{{{inner}}} is not a variable reference")
-        if name not in variables:
-            known = ", ".join(f"{{{v}}}" for v in variables) or "none"
-            raise ValueError(f"{{{name}}} is not a variable of the path (variables: {known})")
-        if inner.endswith("+") and not variables[name]:
-            raise ValueError(f"{{{inner}}}: {{{name}}} is not greedy in the path")
-    if "{" in _BRACED_RE.sub("", text) or "}" in _BRACED_RE.sub("", text):
-        raise ValueError(f"unbalanced braces in {_show(text)}")
+    """A rewrite may use only the path's variables (``{name}`` or ``{name+}`` for greedy);
+    the grammar is :func:`l4gw.templates.parse_rewrite`."""
+    text = _string(value)
+    parse_rewrite(text, variables)
     return text
