@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import ipaddress
 from pathlib import Path
@@ -11,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw import config as config_module
 from l4gw.config import (
     AuthorizeRule,
     Config,
@@ -33,6 +33,7 @@ from l4gw.config import (
     parse_duration,
     path_variables,
 )
+from l4gw.config import load as config_module
 from l4gw.netaddr import SocketAddress
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "conf.toml.example"
@@ -1101,6 +1102,43 @@ def test_valid_rewrites(path: str, rewrite: str) -> None:
     assert config.listeners[0].routes[0].rewrite == rewrite
 
 
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        (
+            {"path": "/a/%2F"},
+            """listeners[0].routes[0].path: segment "%2F": path contains %2F (an encoded '/')""",
+        ),
+        (
+            {"path": "/a/b%5cc/{x}"},
+            """listeners[0].routes[0].path: segment "b%5cc": path contains %5C (an encoded""",
+        ),
+        ({"path": "/%00"}, 'listeners[0].routes[0].path: segment "%00": path contains %00'),
+        (
+            {"path": "/100%/{x}"},
+            'listeners[0].routes[0].path: segment "100%": malformed percent-escape in path segment',
+        ),
+        (
+            {"path": "/u/{id}", "rewrite": "/v%2F{id}"},
+            """listeners[0].routes[0].rewrite: rewrite "/v%2F{id}": path contains %2F (an enc""",
+        ),
+        (
+            {"path": "/u/{id}", "rewrite": "/v/{id}/%zz"},
+            """listeners[0].routes[0].rewrite: rewrite "/v/{id}/%zz": malformed percent-escape""",
+        ),
+    ],
+)
+def test_route_literals_need_escapes_a_request_path_may_have(
+    route: dict[str, Any], expected: str
+) -> None:
+    """A literal that the route matcher cannot compile (an escape a request path may not have)
+    is refused by the check, not found by the first request on the listener."""
+    assert_problems(http_doc(**route), expected)
+    # Escapes a request path may have are fine, and kept as written.
+    config = parse_config(http_doc(path="/caf%C3%A9/%7e/{x}", rewrite="/%41/{x}"))
+    assert config.listeners[0].routes[0].path == "/caf%C3%A9/%7e/{x}"
+
+
 # ---------------------------------------------------------------------------------------------
 # [[authorize]]
 
@@ -1410,3 +1448,30 @@ def test_describe_summarises_listeners_upstreams_nodes_and_authorization() -> No
     plain = describe(parse_config(base()))
     assert "authorization: none" in plain
     assert "no active check" in plain
+
+
+# The package's shape
+
+
+def test_config_modules_import_one_way_only() -> None:
+    """model <- values <- load, and describe reads model and values: no cycle, no module
+    importing the loader, and nothing in the package imports trio (it is no I/O)."""
+    package = Path(config_module.__file__).parent
+    allowed = {
+        "model": set(),
+        "values": set(),
+        "load": {"model", "values"},
+        "describe": {"model", "values"},
+    }
+    assert {p.stem for p in package.glob("*.py")} == {*allowed, "__init__"}
+    for name, may_import in allowed.items():
+        tree = ast.parse((package / f"{name}.py").read_text())
+        siblings: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    siblings.add(node.module or "")
+                assert not (node.module or "").startswith("trio"), name
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("trio") for alias in node.names), name
+        assert siblings <= may_import, (name, siblings - may_import)

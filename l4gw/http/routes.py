@@ -3,7 +3,10 @@
 A :class:`RouteTable` is compiled once per listener configuration from its
 ``[[listeners.routes]]`` entries plus the listener's ``upstream`` as a fallback route named
 ``"default"``. :meth:`RouteTable.match` takes the request method, the Host header and the
-request target, and returns the route and the request target to send to the node.
+request target, and returns the route and the request target to send to the node. The grammar
+of path templates and rewrites, and the normalisation of a path segment, live in
+:mod:`l4gw.templates`, which the config check uses too, so a file ``l4gw check`` accepts
+compiles here.
 
 Decisions (also in ``docs/http.md``):
 
@@ -35,10 +38,10 @@ Decisions (also in ``docs/http.md``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+
+from ..templates import BadRequestPath, normalize_segment, parse_path_template, parse_rewrite
 
 if TYPE_CHECKING:
     from ..config import ListenerConfig, RouteConfig
@@ -59,22 +62,6 @@ __all__ = [
 
 #: Route name of the listener's fallback ``upstream``.
 DEFAULT_ROUTE = "default"
-
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-#: Escapes that would let a segment smuggle a separator or a terminator.
-_FORBIDDEN_ESCAPES = {0x2F: "%2F (an encoded '/')", 0x5C: "%5C (an encoded '\\')", 0x00: "%00"}
-_HEX = frozenset("0123456789abcdefABCDEF")
-_VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
-_SEGMENT_VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}\Z")
-#: Characters left as they are when a template literal is percent-encoded (RFC 3986 pchar).
-_PCHAR_SAFE = "!$&'()*+,;=:@-._~%"
-
-
-class BadRequestPath(ValueError):
-    """A request target that is refused before routing (HTTP 400)."""
-
-    status_hint = 400
-
 
 # -- request target and host ---------------------------------------------------------------
 
@@ -118,31 +105,6 @@ def normalize_host(host: str | None) -> str | None:
     return host.rstrip(".") or None
 
 
-def _normalize_segment(segment: str) -> str:
-    """Decode unreserved escapes, upper-case the others; raise on dangerous ones."""
-    out: list[str] = []
-    i = 0
-    n = len(segment)
-    while i < n:
-        ch = segment[i]
-        if ch == "%":
-            hex_digits = segment[i + 1 : i + 3]
-            if len(hex_digits) != 2 or hex_digits[0] not in _HEX or hex_digits[1] not in _HEX:
-                raise BadRequestPath(f"malformed percent-escape in path segment {segment!r}")
-            value = int(hex_digits, 16)
-            if value in _FORBIDDEN_ESCAPES:
-                raise BadRequestPath(f"path contains {_FORBIDDEN_ESCAPES[value]}")
-            if value in _UNRESERVED:
-                out.append(chr(value))
-            else:
-                out.append("%" + hex_digits.upper())
-            i += 3
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
 def _is_dot_segment(segment: str) -> bool:
     if not segment.startswith("."):
         return False
@@ -159,7 +121,7 @@ def normalize_path(path: str) -> tuple[list[str], str]:
         raise BadRequestPath("path must start with '/'")
     segments = path[1:].split("/")
     if "%" in path:
-        segments = [_normalize_segment(s) if "%" in s else s for s in segments]
+        segments = [normalize_segment(s) if "%" in s else s for s in segments]
         path = "/" + "/".join(segments)
     if "\\" in path:
         raise BadRequestPath("path contains '\\'")
@@ -175,45 +137,22 @@ def normalize_path(path: str) -> tuple[list[str], str]:
 # -- templates -----------------------------------------------------------------------------
 
 
-def _literal(segment: str) -> str:
-    """A template literal segment in the form a normalised request path has."""
-    return _normalize_segment(quote(segment, safe=_PCHAR_SAFE))
-
-
 class PathTemplate:
-    """A compiled route path: literal segments, ``{name}`` and a final greedy ``{name+}``."""
+    """A compiled route path: literal segments, ``{name}`` and a final greedy ``{name+}``.
+
+    The grammar (and the ``ValueError`` raised for a bad template) is
+    :func:`l4gw.templates.parse_path_template`, the one the config check uses.
+    """
 
     __slots__ = ("fixed", "greedy", "text", "variables")
 
     def __init__(self, text: str) -> None:
-        if not text.startswith("/"):
-            raise ValueError(f"path template {text!r} must start with '/'")
+        parts = parse_path_template(text)
         self.text = text
-        segments = text[1:].split("/")
-        fixed: list[tuple[str, bool]] = []  # (literal or variable name, is_variable)
-        greedy: str | None = None
-        variables: dict[str, bool] = {}
-        for index, segment in enumerate(segments):
-            match = _SEGMENT_VAR_RE.match(segment)
-            if match is None:
-                if "{" in segment or "}" in segment:
-                    raise ValueError(f"segment {segment!r}: a variable is a whole segment")
-                fixed.append((_literal(segment), False))
-                continue
-            name, plus = match[1], bool(match[2])
-            if name in variables:
-                raise ValueError(f"variable {{{name}}} appears twice")
-            variables[name] = plus
-            if plus:
-                if index != len(segments) - 1:
-                    raise ValueError(f"the greedy variable {{{name}+}} must be the last segment")
-                greedy = name
-            else:
-                fixed.append((name, True))
-        self.fixed = tuple(fixed)
-        self.greedy = greedy
+        self.fixed = parts.fixed
+        self.greedy = parts.greedy
         #: Variable name -> True for the greedy one.
-        self.variables = variables
+        self.variables = parts.variables
 
     def match(self, segments: Sequence[str]) -> dict[str, str] | None:
         """The variables if the (normalised) ``segments`` match, else None."""
@@ -246,31 +185,17 @@ class PathTemplate:
 
 
 class Rewrite:
-    """A compiled rewrite template: text with ``{name}`` (or ``{name+}``) substitutions."""
+    """A compiled rewrite template: text with ``{name}`` (or ``{name+}``) substitutions.
+
+    The grammar (and the ``ValueError`` raised for a bad rewrite) is
+    :func:`l4gw.templates.parse_rewrite`, the one the config check uses.
+    """
 
     __slots__ = ("parts", "text")
 
     def __init__(self, text: str, variables: Mapping[str, bool]) -> None:
-        if not text.startswith("/"):
-            raise ValueError(f"rewrite {text!r} must start with '/'")
         self.text = text
-        if "{" in _VAR_RE.sub("", text) or "}" in _VAR_RE.sub("", text):
-            raise ValueError(f"unbalanced braces in rewrite {text!r}")
-        parts: list[tuple[str, bool]] = []
-        position = 0
-        for match in _VAR_RE.finditer(text):
-            if match.start() > position:
-                parts.append((_literal_text(text[position : match.start()]), False))
-            name = match[1]
-            if name not in variables:
-                raise ValueError(f"{{{name}}} is not a variable of the path")
-            if match[2] and not variables[name]:
-                raise ValueError(f"{{{name}+}}: {{{name}}} is not greedy in the path")
-            parts.append((name, True))
-            position = match.end()
-        if position < len(text):
-            parts.append((_literal_text(text[position:]), False))
-        self.parts = tuple(parts)
+        self.parts = parse_rewrite(text, variables)
 
     def expand(self, values: Mapping[str, str]) -> str:
         """The rewritten path (not re-checked; see :meth:`Route.upstream_path`)."""
@@ -278,10 +203,6 @@ class Rewrite:
 
     def __repr__(self) -> str:
         return f"Rewrite({self.text!r})"
-
-
-def _literal_text(text: str) -> str:
-    return "/".join(_literal(s) for s in text.split("/"))
 
 
 class Route:
