@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         why = target.unavailable(settings)
         if why is None and target.name.startswith("l4gw"):
             problem = check_l4gw()
-            why = None if problem is None else f"python -m l4gw.cli --version: {problem}"
+            why = None if problem is None else f"python -m l4gw --version: {problem}"
         if why is not None:
             res.skipped[target.name] = why
             say(f"{target.name}: skipped: {why}")

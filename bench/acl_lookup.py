@@ -15,8 +15,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from l4gw.acl import SourceACL
-from l4gw.netaddr import IPNetwork
+from l4gw.core.acl import SourceACL
+from l4gw.core.netaddr import IPNetwork
 
 SIZES = (10, 1_000, 10_000)
 PROBES = 200_000

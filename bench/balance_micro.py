@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from l4gw.balance import BALANCERS, make_balancer
-from l4gw.netaddr import SocketAddress
-from l4gw.nodes import NodeState
+from l4gw.core.balance import BALANCERS, make_balancer
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.nodes import NodeState
 
 
 def make_nodes(count: int) -> list[NodeState]:

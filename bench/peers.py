@@ -41,7 +41,7 @@ from bench.tlscert import TLSFiles
 HOST = "127.0.0.1"
 HAPROXY_MAXPIPES = 256  # with --haproxy-splice; HAProxy's default (maxconn/4) needs more fds
 # TLS 1.2 suites offered by the peers with --tls: l4gw's own list (Mozilla "intermediate", see
-# l4gw/tls.py), so that every proxy negotiates the same suite; TLS 1.3 suites are OpenSSL's.
+# l4gw/core/tls.py), so that every proxy negotiates the same suite; TLS 1.3 suites are OpenSSL's.
 TLS12_CIPHERS = ":".join(
     (
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -372,7 +372,7 @@ class NginxProxy(Target):
 
 
 class L4gw(Target):
-    """``python -m l4gw.cli run -c FILE`` from this tree, with a generated TOML config."""
+    """``python -m l4gw run -c FILE`` from this tree, with a generated TOML config."""
 
     def __init__(
         self, name: str = "l4gw", access_log: bool = False, figures: frozenset[str] | None = None
@@ -424,7 +424,7 @@ class L4gw(Target):
         if files is not None and not settings.tls_resume:
             # l4gw has no setting for session tickets: OpenSSL's own configuration turns them off.
             env["OPENSSL_CONF"] = str(files.no_tickets_conf)
-        argv = [sys.executable, "-m", "l4gw.cli", "run", "-c", str(conf)]
+        argv = [sys.executable, "-m", "l4gw", "run", "-c", str(conf)]
         proc = Managed(self.name, argv, workdir / "l4gw.log", cwd=REPO_ROOT, env=env)
         healthz = f"http://{HOST}:{admin}/healthz"
         try:
@@ -450,11 +450,11 @@ def all_targets() -> list[Target]:
 
 
 def check_l4gw() -> str | None:
-    """None when ``python -m l4gw.cli --version`` works from this tree, else what it printed."""
+    """None when ``python -m l4gw --version`` works from this tree, else what it printed."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "l4gw.cli", "--version"],
+            [sys.executable, "-m", "l4gw", "--version"],
             capture_output=True,
             text=True,
             timeout=20,

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4gw.acl import (
+from l4gw.core.acl import (
     AccessDenied,
     BackendAuthorization,
     SourceACL,
     network_ranges,
     parse_ip_int,
 )
-from l4gw.netaddr import IPAddress, IPNetwork, SocketAddress, parse_network
+from l4gw.core.netaddr import IPAddress, IPNetwork, SocketAddress, parse_network
 
 MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 

@@ -11,7 +11,7 @@ import structlog
 import trio
 import trio.testing
 
-from l4gw.admin import AdminTable, admin_table, respond, serve_admin_connection
+from l4gw.serve.admin import AdminTable, admin_table, respond, serve_admin_connection
 
 
 class Source:

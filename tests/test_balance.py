@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4gw.balance import (
+from l4gw.core.balance import (
     BALANCERS,
     MAGLEV_TABLE_SIZE,
     Balancer,
@@ -21,8 +21,8 @@ from l4gw.balance import (
     maglev_table,
     make_balancer,
 )
-from l4gw.netaddr import SocketAddress
-from l4gw.nodes import NodeState
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.nodes import NodeState
 
 ALGORITHMS = sorted(BALANCERS)
 #: A small prime table keeps the generic property tests fast; source_hash's own tests use the

@@ -10,9 +10,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.config import load_config
-from l4gw.configdiff import diff_configs
-from l4gw.configfiles import config_as_dict
+from l4gw.core.config import load_config
+from l4gw.core.config.diff import diff_configs
+from l4gw.core.config.files import config_as_dict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "conf.toml.example"
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from l4gw import daemon as daemon_mod
-from l4gw.config import parse_config
-from l4gw.daemon import Daemon
+from l4gw.core.config import parse_config
+from l4gw.serve import daemon as daemon_mod
+from l4gw.serve.daemon import Daemon
 
 from .conftest import free_port
 

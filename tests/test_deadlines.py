@@ -12,9 +12,9 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.deadlines import IDLE, MAX_TICK, MIN_TICK, Deadlines
 from l4gw.http.timeouts import HEAD, RESPONSE
-from l4gw.relay import IdleSweeper
+from l4gw.l4.deadlines import IDLE, MAX_TICK, MIN_TICK, Deadlines
+from l4gw.l4.relay import IdleSweeper
 
 #: Under the autojump clock ``fail_after`` counts virtual seconds.
 VIRTUAL_TIMEOUT = 100

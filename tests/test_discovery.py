@@ -26,10 +26,19 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw import discovery
-from l4gw.acl import BackendAuthorization
-from l4gw.config import AuthorizeRule, DiscoveryConfig, HealthConfig, NodeConfig, UpstreamConfig
-from l4gw.discovery import (
+from l4gw.core.acl import BackendAuthorization
+from l4gw.core.config import (
+    AuthorizeRule,
+    DiscoveryConfig,
+    HealthConfig,
+    NodeConfig,
+    UpstreamConfig,
+)
+from l4gw.core.health import CheckResult
+from l4gw.core.netaddr import SocketAddress, parse_network
+from l4gw.core.upstream import UpstreamRuntime
+from l4gw.serve import discovery
+from l4gw.serve.discovery import (
     MAX_WEIGHT,
     Answer,
     DiscoveryError,
@@ -41,9 +50,7 @@ from l4gw.discovery import (
     srv_nodes,
     srv_weights,
 )
-from l4gw.health import CheckResult, serve_health
-from l4gw.netaddr import SocketAddress, parse_network
-from l4gw.upstream import UpstreamRuntime
+from l4gw.serve.healthchecks import serve_health
 
 #: Real seconds for the dnsmasq tests; virtual seconds under the autojump clock.
 TIMEOUT = 15

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from l4gw.proxyproto import (
+from l4gw.core.proxyproto import (
     ProxyHeaderParser,
     ProxyProtocolError,
     encode_v1,

@@ -22,22 +22,21 @@ import trio.lowlevel
 import trio.testing
 from structlog.testing import capture_logs
 
-from l4gw import proxyproto
-from l4gw.acl import BackendAuthorization
-from l4gw.config import AuthorizeRule, HealthConfig, NodeConfig, UpstreamConfig
-from l4gw.health import (
+from l4gw.core import proxyproto
+from l4gw.core.acl import BackendAuthorization
+from l4gw.core.config import AuthorizeRule, HealthConfig, NodeConfig, UpstreamConfig
+from l4gw.core.health import (
     CheckResult,
     HealthMonitor,
     health_state,
     max_ejectable,
     node_status,
     nodes_changed,
-    run_check,
-    serve_health,
 )
-from l4gw.netaddr import SocketAddress, parse_network
-from l4gw.nodes import NodeState
-from l4gw.upstream import UpstreamRuntime
+from l4gw.core.netaddr import SocketAddress, parse_network
+from l4gw.core.nodes import NodeState
+from l4gw.core.upstream import UpstreamRuntime
+from l4gw.serve.healthchecks import run_check, serve_health
 
 from .conftest import free_port
 

@@ -18,17 +18,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.acl import BackendAuthorization, SourceACL
-from l4gw.config import HealthConfig, ListenerConfig, NodeConfig, RouteConfig, UpstreamConfig
+from l4gw.core.acl import BackendAuthorization, SourceACL
+from l4gw.core.config import HealthConfig, ListenerConfig, NodeConfig, RouteConfig, UpstreamConfig
+from l4gw.core.netaddr import SocketAddress, parse_network
+from l4gw.core.ratelimit import RateLimiter
+from l4gw.core.runtime import ListenerRuntime, ListenerStats
+from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http import exchange as ex
 from l4gw.http import timeouts
 from l4gw.http.exchange import Exchange
 from l4gw.http.routes import RouteTable, route_table
 from l4gw.http.wire import ResponseReader
-from l4gw.netaddr import SocketAddress, parse_network
-from l4gw.ratelimit import RateLimiter
-from l4gw.runtime import ListenerRuntime, ListenerStats
-from l4gw.upstream import UpstreamRuntime
 
 NODE = SocketAddress("192.0.2.10", 8080)
 HEADER_TIMEOUT = 10.0

@@ -25,16 +25,16 @@ from typing import Any
 import pytest
 import trio
 
-from l4gw.config import RouteConfig
-from l4gw.connect import NodeConnector
+from l4gw.core.config import RouteConfig
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http import fastpath
 from l4gw.http.fastpath import CLOSE, HANDOFF, FastConnection
 from l4gw.http.pool import NodeConnection
 from l4gw.http.request import PlainRequest
 from l4gw.http.wire import ResponseHead, ResponseReader
-from l4gw.netaddr import SocketAddress
-from l4gw.reactor import Reactor
-from l4gw.upstream import UpstreamRuntime
+from l4gw.l4.connect import NodeConnector
+from l4gw.l4.reactor import Reactor
 from tests.test_http_proxy import (
     Gateway,
     Node,

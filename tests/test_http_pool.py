@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from l4gw.acl import BackendAuthorization
-from l4gw.config import NodeConfig, UpstreamConfig
-from l4gw.errors import NoHealthyNode, UpstreamConnectError
+from l4gw.core.acl import BackendAuthorization
+from l4gw.core.config import NodeConfig, UpstreamConfig
+from l4gw.core.errors import NoHealthyNode, UpstreamConnectError
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http.pool import NodePool
-from l4gw.netaddr import SocketAddress
-from l4gw.upstream import UpstreamRuntime
 
 from .conftest import free_port
 

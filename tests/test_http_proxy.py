@@ -26,8 +26,8 @@ import pytest
 import structlog
 import trio
 
-from l4gw.acl import BackendAuthorization, SourceACL
-from l4gw.config import (
+from l4gw.core.acl import BackendAuthorization, SourceACL
+from l4gw.core.config import (
     HealthConfig,
     ListenerConfig,
     NodeConfig,
@@ -35,16 +35,16 @@ from l4gw.config import (
     UpstreamConfig,
     UpstreamTLSConfig,
 )
-from l4gw.deadlines import Deadlines
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.ratelimit import RateLimiter
+from l4gw.core.runtime import ListenerRuntime, ListenerStats
+from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http.pool import NodePool
 from l4gw.http.proxy import serve_http_connection
 from l4gw.http.tlsstream import accept_tls
 from l4gw.http.wire import ResponseHead, ResponseReader
-from l4gw.netaddr import SocketAddress
-from l4gw.ratelimit import RateLimiter
-from l4gw.reactor import Reactor
-from l4gw.runtime import ListenerRuntime, ListenerStats
-from l4gw.upstream import UpstreamRuntime
+from l4gw.l4.deadlines import Deadlines
+from l4gw.l4.reactor import Reactor
 
 from .conftest import free_port
 

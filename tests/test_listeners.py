@@ -8,12 +8,12 @@ import pytest
 import structlog
 import trio
 
-from l4gw.acl import SourceACL
-from l4gw.config import parse_config
-from l4gw.listeners import BindError, _guarded, admit, bind_listener
-from l4gw.netaddr import SocketAddress, parse_network
-from l4gw.ratelimit import RateLimiter
-from l4gw.runtime import ListenerRuntime, ListenerStats
+from l4gw.core.acl import SourceACL
+from l4gw.core.config import parse_config
+from l4gw.core.netaddr import SocketAddress, parse_network
+from l4gw.core.ratelimit import RateLimiter
+from l4gw.core.runtime import ListenerRuntime, ListenerStats
+from l4gw.serve.listeners import BindError, _guarded, admit, bind_listener
 
 
 def runtime(mode: str, *, deny: str = "", rate: float = 0, maximum: int = 0) -> ListenerRuntime:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from l4gw import logs
+from l4gw.core import logs
 
 
 class RecordingStream(io.StringIO):

@@ -6,8 +6,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw import metrics
-from l4gw.metrics import (
+from l4gw.core.runtime import ListenerStats
+from l4gw.serve import metrics
+from l4gw.serve.metrics import (
     CONTROL_FAMILIES,
     Family,
     Metric,
@@ -17,7 +18,6 @@ from l4gw.metrics import (
     parse_metrics,
     render_metrics,
 )
-from l4gw.runtime import ListenerStats
 
 
 def defined() -> list[Metric]:

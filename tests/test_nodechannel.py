@@ -13,10 +13,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.acl import BackendAuthorization
-from l4gw.config import parse_config
-from l4gw.netaddr import SocketAddress
-from l4gw.nodechannel import (
+from l4gw.core.acl import BackendAuthorization
+from l4gw.core.config import parse_config
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.upstream import UpstreamRuntime
+from l4gw.workers.channel import (
     ControlEnd,
     LineBuffer,
     apply_node_states,
@@ -25,7 +26,6 @@ from l4gw.nodechannel import (
     encode_node_states,
     node_state_message,
 )
-from l4gw.upstream import UpstreamRuntime
 
 UPSTREAM_TOML = """
 [upstreams.web]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from l4gw.proxyproto import (
+from l4gw.core.proxyproto import (
     MAX_V1_LENGTH,
     MAX_V2_LENGTH,
     V2_SIGNATURE,

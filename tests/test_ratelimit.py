@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.ratelimit import RateLimited, RateLimiter
+from l4gw.core.ratelimit import RateLimited, RateLimiter
 
 
 class ReferenceLimiter:

@@ -12,17 +12,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import trio
 
-from l4gw import relay as relay_mod
-from l4gw.acl import BackendAuthorization
-from l4gw.config import AuthorizeRule, NodeConfig, UpstreamConfig
-from l4gw.connect import NodeConnector
-from l4gw.errors import NoHealthyNode, UpstreamConnectError
-from l4gw.netaddr import SocketAddress, parse_network
-from l4gw.nodes import NodeState
-from l4gw.reactor import Reactor, ReactorStopped
-from l4gw.relay import PipePool, Relay, SocketRelay
-from l4gw.upstream import NodeLease
-from l4gw.upstream import UpstreamRuntime as Upstream
+from l4gw.core.acl import BackendAuthorization
+from l4gw.core.config import AuthorizeRule, NodeConfig, UpstreamConfig
+from l4gw.core.errors import NoHealthyNode, UpstreamConnectError
+from l4gw.core.netaddr import SocketAddress, parse_network
+from l4gw.core.nodes import NodeState
+from l4gw.core.upstream import NodeLease
+from l4gw.core.upstream import UpstreamRuntime as Upstream
+from l4gw.l4 import relay as relay_mod
+from l4gw.l4.connect import NodeConnector
+from l4gw.l4.reactor import Reactor, ReactorStopped
+from l4gw.l4.relay import PipePool, Relay, SocketRelay
 
 from .conftest import free_port, sock_read_to_eof, sock_send_all, tcp_pair, wait_until
 

@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from l4gw import relay as relay_mod
-from l4gw.deadlines import Deadlines
-from l4gw.reactor import Reactor
-from l4gw.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
+from l4gw.l4 import relay as relay_mod
+from l4gw.l4.deadlines import Deadlines
+from l4gw.l4.reactor import Reactor
+from l4gw.l4.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
 from .conftest import sock_read_to_eof, sock_send_all, tcp_pair, wait_until
 

@@ -9,11 +9,11 @@ import attrs
 import pytest
 import structlog
 
-from l4gw import reloading
-from l4gw.config import Config, DaemonConfig
-from l4gw.errors import BindError
-from l4gw.netaddr import SocketAddress
-from l4gw.reloading import reconfigure_logging, reload_file, warn_start_only
+from l4gw.core.config import Config, DaemonConfig
+from l4gw.core.errors import BindError
+from l4gw.core.netaddr import SocketAddress
+from l4gw.serve import reloading
+from l4gw.serve.reloading import reconfigure_logging, reload_file, warn_start_only
 
 GOOD = """
 [daemon]

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw import resources
-from l4gw.resources import KernelLimits, warnings_for
+from l4gw.ops import resources
+from l4gw.ops.resources import KernelLimits, warnings_for
 
 GOOD = KernelLimits(
     nofile_soft=1048576,
@@ -138,7 +138,7 @@ def test_capacity_warnings_on_this_machine() -> None:
 
 CHILD = """
 import json, resource
-from l4gw.resources import raise_nofile_limit
+from l4gw.ops.resources import raise_nofile_limit
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 first = raise_nofile_limit()

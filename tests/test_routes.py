@@ -8,7 +8,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from l4gw.config import ListenerConfig, RouteConfig
+from l4gw.core.config import ListenerConfig, RouteConfig
+from l4gw.core.netaddr import SocketAddress
 from l4gw.http.routes import (
     DEFAULT_ROUTE,
     BadRequestPath,
@@ -21,7 +22,6 @@ from l4gw.http.routes import (
     route_table,
     split_target,
 )
-from l4gw.netaddr import SocketAddress
 
 
 def table(*routes: RouteConfig, fallback: str | None = None) -> RouteTable:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.runtime import ListenerStats
+from l4gw.core.runtime import ListenerStats
 
 
 @given(st.lists(st.booleans(), max_size=60))

@@ -15,7 +15,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l4gw.statuscmd import StatusError, fetch_status, format_duration, format_status, run_status
+from l4gw.ops.statuscmd import (
+    StatusError,
+    fetch_status,
+    format_duration,
+    format_status,
+    run_status,
+)
 
 from .conftest import free_port
 

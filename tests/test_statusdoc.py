@@ -7,11 +7,12 @@ import time
 import tomllib
 
 from l4gw import __version__
-from l4gw.acl import BackendAuthorization, SourceACL
-from l4gw.config import parse_config
-from l4gw.ratelimit import RateLimiter
-from l4gw.runtime import ListenerRuntime, ListenerStats
-from l4gw.statusdoc import (
+from l4gw.core.acl import BackendAuthorization, SourceACL
+from l4gw.core.config import parse_config
+from l4gw.core.ratelimit import RateLimiter
+from l4gw.core.runtime import ListenerRuntime, ListenerStats
+from l4gw.core.upstream import UpstreamRuntime
+from l4gw.serve.statusdoc import (
     listener_document,
     local_listener_document,
     local_upstream_document,
@@ -19,7 +20,6 @@ from l4gw.statusdoc import (
     process_document,
     upstream_document,
 )
-from l4gw.upstream import UpstreamRuntime
 
 CONFIG = parse_config(
     tomllib.loads(

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from l4gw import supervisor
-from l4gw.supervisor import Backoff, Supervisor, WorkerHooks, WorkerSlot
+from l4gw.workers import supervisor
+from l4gw.workers.supervisor import Backoff, Supervisor, WorkerHooks, WorkerSlot
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = textwrap.dedent(
     """
     import json, os, resource, signal, sys, time
-    from l4gw import systemd
+    from l4gw.serve import systemd
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     index, log_path, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -405,7 +405,7 @@ async def test_a_hung_worker_is_aborted_and_restarted(
 SUPERVISED_WITH_FDS = textwrap.dedent(
     """
     import os, socket, sys, trio
-    from l4gw.supervisor import Supervisor, Backoff
+    from l4gw.workers.supervisor import Supervisor, Backoff
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -20,8 +20,8 @@ import pytest
 import trio
 import trio.testing
 
-from l4gw import systemd
-from l4gw.netaddr import SocketAddress, parse_socket_address
+from l4gw.core.netaddr import SocketAddress, parse_socket_address
+from l4gw.serve import systemd
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO / "systemd"
@@ -177,8 +177,8 @@ async def test_watchdog_stops_when_the_loop_is_blocked(notify_socket: socket.soc
 CHILD = textwrap.dedent(
     """
     import json, os, socket, sys
-    from l4gw import systemd
-    from l4gw.netaddr import parse_socket_address
+    from l4gw.serve import systemd
+    from l4gw.core.netaddr import parse_socket_address
 
     fds = systemd.listen_fds()
     report = {

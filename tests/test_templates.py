@@ -18,16 +18,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4gw import templates
-from l4gw.config import ConfigError, parse_config, path_variables
-from l4gw.http.routes import PathTemplate, RouteTable, normalize_path
-from l4gw.templates import (
+from l4gw.core import templates
+from l4gw.core.config import ConfigError, parse_config, path_variables
+from l4gw.core.templates import (
     BadRequestPath,
     literal_segment,
     normalize_segment,
     parse_path_template,
     parse_rewrite,
 )
+from l4gw.http.routes import PathTemplate, RouteTable, normalize_path
 
 # --- generators ---------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from l4gw import tls
-from l4gw.config import ListenerTLSConfig, TLSCertificateConfig, UpstreamTLSConfig
+from l4gw.core import tls
+from l4gw.core.config import ListenerTLSConfig, TLSCertificateConfig, UpstreamTLSConfig
 
 from .test_http_proxy import Node, start_gateway, upstream_runtime
 

@@ -4,6 +4,7 @@ rules every connect path shares, without sockets."""
 from __future__ import annotations
 
 import errno
+import random
 from collections.abc import Sequence
 
 from hypothesis import settings
@@ -20,8 +21,9 @@ from hypothesis.stateful import (
 )
 from structlog.testing import capture_logs
 
-from l4gw.acl import BackendAuthorization
-from l4gw.config import (
+from l4gw.core.acl import BackendAuthorization
+from l4gw.core.balance import RandomTwoBalancer
+from l4gw.core.config import (
     AuthorizeRule,
     Balance,
     DiscoveryConfig,
@@ -29,10 +31,10 @@ from l4gw.config import (
     NodeConfig,
     UpstreamConfig,
 )
-from l4gw.errors import NoHealthyNode, UpstreamConnectError
-from l4gw.netaddr import SocketAddress, parse_network
-from l4gw.nodes import NodeState
-from l4gw.upstream import ConnectPlan, NodeLease, UpstreamRuntime
+from l4gw.core.errors import NoHealthyNode, UpstreamConnectError
+from l4gw.core.netaddr import SocketAddress, parse_network
+from l4gw.core.nodes import NodeState
+from l4gw.core.upstream import ConnectPlan, NodeLease, UpstreamRuntime
 
 ADDRESSES = [SocketAddress(f"10.0.0.{i}", 80) for i in range(1, 7)]
 
@@ -386,6 +388,10 @@ class LeaseMachine(RuleBasedStateMachine):
         ordered = [a for a in ADDRESSES if a in static]
         new = config(ordered, limit=limit, balance=balance, discovery=True)
         self.up.apply(new, BackendAuthorization())
+        if isinstance(self.up.balancer, RandomTwoBalancer):
+            # Its own unseeded generator would make the run depend on more than the rules
+            # drawn (hypothesis replays a run exactly, or reports it flaky).
+            self.up.balancer._rng = random.Random(0)
         self._track()
 
     @rule(found=st.sets(st.sampled_from(ADDRESSES)))

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import trio
 
-from l4gw.config import parse_config
-from l4gw.metrics import CONTROL_FAMILIES, merge_metrics, parse_metrics
-from l4gw.netaddr import SocketAddress
-from l4gw.nodechannel import apply_node_states, node_state_message
-from l4gw.supervisor import worker_count
-from l4gw.upstream import UpstreamRuntime
+from l4gw.core.config import parse_config
+from l4gw.core.netaddr import SocketAddress
+from l4gw.core.upstream import UpstreamRuntime
+from l4gw.serve.metrics import CONTROL_FAMILIES, merge_metrics, parse_metrics
+from l4gw.workers.channel import apply_node_states, node_state_message
+from l4gw.workers.supervisor import worker_count
 
 from .conftest import DaemonFactory, RunningDaemon, free_port, open_client, read_line
 
@@ -418,7 +418,7 @@ upstream = "web"
 
 def runtimes(text: str = UPSTREAM_TOML) -> dict[str, UpstreamRuntime]:
     config = parse_config(tomllib.loads(text))
-    from l4gw.acl import BackendAuthorization
+    from l4gw.core.acl import BackendAuthorization
 
     auth = BackendAuthorization(config.authorize)
     return {name: UpstreamRuntime(up, auth) for name, up in config.upstreams.items()}

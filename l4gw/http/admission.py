@@ -5,8 +5,8 @@ same way and refuse in the same order. No I/O.
 
 from __future__ import annotations
 
-from ..runtime import ListenerRuntime
-from ..upstream import UpstreamRuntime
+from ..core.runtime import ListenerRuntime
+from ..core.upstream import UpstreamRuntime
 from .responses import Record
 from .routes import BadRequestPath, RouteMatch, RouteTable
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import trio
 
-from .. import logs
-from ..deadlines import Deadlines
-from ..runtime import ListenerRuntime
-from ..upstream import UpstreamRuntime
+from ..core import logs
+from ..core.runtime import ListenerRuntime
+from ..core.upstream import UpstreamRuntime
+from ..l4.deadlines import Deadlines
 from .exchange import Exchange
 from .pool import NodePool
 from .responses import Record

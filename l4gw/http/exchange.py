@@ -51,18 +51,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from ..runtime import ListenerRuntime
-from ..upstream import UpstreamRuntime
+from ..core.runtime import ListenerRuntime
+from ..core.upstream import UpstreamRuntime
 from . import timeouts
 from .admission import Refusal, refusal, route_request
 from .headers import request_headers, response_headers
-from .responses import (
-    DEFAULT_KEEPALIVE,
-    IDEMPOTENT,
-    Record,
-    client_response_head,
-    error_response,
-)
+from .responses import DEFAULT_KEEPALIVE, IDEMPOTENT, Record, client_response_head, error_response
 from .timeouts import BODY, BUSY, HEAD, IDLE, RESPONSE, SEND
 from .wire import DONE as BODY_DONE
 from .wire import FULL, NodeProtocolError, ResponseHead, ResponseReader, frame_body, request_head

@@ -2,7 +2,7 @@
 
 The task that serves an http connection (:func:`l4gw.http.proxy.serve_http_connection`)
 hands a plain-TCP client connection to a :class:`FastConnection` whenever it waits for the
-next request, and parks. The reactor (:mod:`l4gw.reactor`) then drives the connection with
+next request, and parks. The reactor (:mod:`l4gw.l4.reactor`) then drives the connection with
 callbacks, request after request, as long as each one is ordinary:
 
 * the request is taken by :func:`l4gw.http.request.parse_request` (a complete, plain head,
@@ -12,7 +12,7 @@ callbacks, request after request, as long as each one is ordinary:
 Such a request is played through the connection's :class:`l4gw.http.exchange.Exchange`,
 the same state machine the task drives: this module only carries out its commands with
 non-blocking system calls and epoll interest (node connections from the pool, or opened by
-a :class:`l4gw.connect.NodeConnector`).
+a :class:`l4gw.l4.connect.NodeConnector`).
 
 Anything else, and any head that is incomplete after a read, is handed back to the task
 before it has had any effect (nothing sent to a node, no rate-limit token taken): the task
@@ -35,22 +35,13 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from ..connect import NodeConnector
-from ..errors import GatewayError
-from ..nodes import NodeState
-from ..reactor import Reactor, ReactorStopped
-from ..upstream import ConnectPlan, NodeLease
+from ..core.errors import GatewayError
+from ..core.nodes import NodeState
+from ..core.upstream import ConnectPlan, NodeLease
+from ..l4.connect import NodeConnector
+from ..l4.reactor import Reactor, ReactorStopped
 from .conn import HttpConn
-from .exchange import (
-    CONNECT,
-    DONE,
-    PUMP,
-    READ_NODE,
-    RELEASE,
-    RETRY,
-    SEND_CLIENT,
-    SEND_NODE,
-)
+from .exchange import CONNECT, DONE, PUMP, READ_NODE, RELEASE, RETRY, SEND_CLIENT, SEND_NODE
 from .exchange import HANDOFF as HANDOFF_TASK
 from .pool import NodeConnection
 from .request import PlainRequest, parse_request

@@ -1,12 +1,12 @@
 """Connections to nodes for http mode: connect with retries, TLS toward nodes, keep-alive pool.
 
 ``node.active`` counts connections *in use* (a request on them). Every connection has one
-:class:`l4gw.upstream.NodeLease` for its life: held when it is handed out by
+:class:`l4gw.core.upstream.NodeLease` for its life: held when it is handed out by
 :meth:`NodePool.acquire` (or :meth:`NodePool.take`, :meth:`NodePool.adopt`), released by
 :meth:`NodePool.release` whether the connection goes back to the pool or is closed, and
 acquired again when an idle one is taken. Idle pooled connections do not count, so
 ``least_conn`` and ``max_connections_per_node`` see the load, not the pool. New connections
-follow the upstream's :class:`l4gw.upstream.ConnectPlan`, as every other connect does.
+follow the upstream's :class:`l4gw.core.upstream.ConnectPlan`, as every other connect does.
 
 The pool:
 
@@ -37,13 +37,13 @@ from collections.abc import Collection
 import structlog
 import trio
 
-from ..config import UpstreamTLSConfig
-from ..connect import connect_socket
-from ..errors import GatewayError
-from ..nodes import NodeState
-from ..reactor import Reactor
-from ..tls import client_context_for
-from ..upstream import ConnectPlan, NodeLease, UpstreamRuntime
+from ..core.config import UpstreamTLSConfig
+from ..core.errors import GatewayError
+from ..core.nodes import NodeState
+from ..core.tls import client_context_for
+from ..core.upstream import ConnectPlan, NodeLease, UpstreamRuntime
+from ..l4.connect import connect_socket
+from ..l4.reactor import Reactor
 from .io import ByteIO, FdIO, StreamIO
 from .wire import ResponseReader
 
@@ -194,8 +194,8 @@ class NodePool:
     ) -> NodeConnection:
         """A connection to a node of ``upstream``: an idle pooled one, else a new one.
 
-        Nodes are picked by the upstream's :class:`l4gw.upstream.ConnectPlan` (as in
-        :func:`l4gw.connect.open_node_connection`: up to ``retries`` distinct, authorized
+        Nodes are picked by the upstream's :class:`l4gw.core.upstream.ConnectPlan` (as in
+        :func:`l4gw.l4.connect.open_node_connection`: up to ``retries`` distinct, authorized
         nodes); a picked node with an idle connection gets the request on it, otherwise a
         connection is opened to it.
         ``fresh`` skips the pool; ``prefix`` (a PROXY header) is sent first on a new
@@ -297,7 +297,7 @@ class NodePool:
 
     def adopt(self, lease: NodeLease, raw: socket.socket) -> NodeConnection:
         """A plain-TCP connection to ``lease.node`` opened elsewhere (by a
-        :class:`l4gw.connect.NodeConnector`), handed out as by :meth:`acquire`; it keeps
+        :class:`l4gw.l4.connect.NodeConnector`), handed out as by :meth:`acquire`; it keeps
         ``lease`` (held) for its life."""
         conn = NodeConnection(
             lease,

@@ -44,12 +44,12 @@ import h11
 import structlog
 import trio
 
-from ..deadlines import Deadlines
-from ..errors import GatewayError
-from ..proxyproto import encode_v1, encode_v2
-from ..reactor import Reactor
-from ..runtime import ListenerRuntime
-from ..upstream import UpstreamRuntime
+from ..core.errors import GatewayError
+from ..core.proxyproto import encode_v1, encode_v2
+from ..core.runtime import ListenerRuntime
+from ..core.upstream import UpstreamRuntime
+from ..l4.deadlines import Deadlines
+from ..l4.reactor import Reactor
 from .admission import Refusal
 from .conn import HttpConn
 from .exchange import (

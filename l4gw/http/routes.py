@@ -5,7 +5,7 @@ A :class:`RouteTable` is compiled once per listener configuration from its
 ``"default"``. :meth:`RouteTable.match` takes the request method, the Host header and the
 request target, and returns the route and the request target to send to the node. The grammar
 of path templates and rewrites, and the normalisation of a path segment, live in
-:mod:`l4gw.templates`, which the config check uses too, so a file ``l4gw check`` accepts
+:mod:`l4gw.core.templates`, which the config check uses too, so a file ``l4gw check`` accepts
 compiles here.
 
 Decisions (also in ``docs/http.md``):
@@ -41,10 +41,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ..templates import BadRequestPath, normalize_segment, parse_path_template, parse_rewrite
+from ..core.templates import BadRequestPath, normalize_segment, parse_path_template, parse_rewrite
 
 if TYPE_CHECKING:
-    from ..config import ListenerConfig, RouteConfig
+    from ..core.config import ListenerConfig, RouteConfig
 
 __all__ = [
     "DEFAULT_ROUTE",
@@ -141,7 +141,7 @@ class PathTemplate:
     """A compiled route path: literal segments, ``{name}`` and a final greedy ``{name+}``.
 
     The grammar (and the ``ValueError`` raised for a bad template) is
-    :func:`l4gw.templates.parse_path_template`, the one the config check uses.
+    :func:`l4gw.core.templates.parse_path_template`, the one the config check uses.
     """
 
     __slots__ = ("fixed", "greedy", "text", "variables")
@@ -188,7 +188,7 @@ class Rewrite:
     """A compiled rewrite template: text with ``{name}`` (or ``{name+}``) substitutions.
 
     The grammar (and the ``ValueError`` raised for a bad rewrite) is
-    :func:`l4gw.templates.parse_rewrite`, the one the config check uses.
+    :func:`l4gw.core.templates.parse_rewrite`, the one the config check uses.
     """
 
     __slots__ = ("parts", "text")

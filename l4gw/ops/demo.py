@@ -13,9 +13,9 @@ from functools import partial
 
 import trio
 
-from .config import parse_config
-from .daemon import Daemon
-from .logs import configure_logging
+from ..core.config import parse_config
+from ..core.logs import configure_logging
+from ..serve.daemon import Daemon
 
 DEMO_BACKENDS = (("backend-a", 5), ("backend-b", 3), ("backend-c", 1))
 _HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")

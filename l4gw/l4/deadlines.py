@@ -9,7 +9,7 @@ has passed. What expiry means is the entry's business:
 * an HTTP connection answers or closes according to its phase (408, 504, or just closes); as
   a ``KeepAlive`` entry it also expires while it waits between requests (phase ``IDLE``) once
   its listener drains;
-* the L4 relays are one entry, ``l4gw.relay.IdleSweeper``, which re-arms itself every tick and
+* the L4 relays are one entry, ``l4gw.l4.relay.IdleSweeper``, which re-arms itself every tick and
   then compares every relay's byte counters (so the relays' hot path does no bookkeeping).
 
 Precision: an entry expires between its deadline and one ``tick`` later; ``tick`` is a

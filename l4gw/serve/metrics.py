@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from .runtime import Histogram, ListenerStats
-from .upstream import UpstreamRuntime
+from ..core.runtime import Histogram, ListenerStats
+from ..core.upstream import UpstreamRuntime
 
 #: One sample of a family: (labels, value).
 Sample = tuple[dict[str, object], float]

@@ -9,7 +9,7 @@ Lifecycle of ``Daemon.run``:
    ``drain_timeout`` for connections to finish, close the rest; a second signal closes at once.
 
 Ownership: the daemon creates the reactor, the splice pipe pool, the deadline sweeper
-(``l4gw.deadlines.Deadlines``, with the L4 ``IdleSweeper`` as one of its entries) and the http
+(``l4gw.l4.deadlines.Deadlines``, with the L4 ``IdleSweeper`` as one of its entries) and the http
 node pool, runs their tasks in its connections nursery and hands them to the connection
 handlers (``ConnectionContext``). Cancelling that nursery at the end of the drain stops them
 all: the reactor aborts every handler still registered and the node pool closes its idle
@@ -29,24 +29,25 @@ from typing import Any
 import structlog
 import trio
 
-from . import __version__, systemd
-from .acl import SourceACL
+from .. import __version__
+from ..core.acl import SourceACL
+from ..core.config import Config, ListenerConfig
+from ..core.config.files import config_as_dict
+from ..core.errors import BindError
+from ..core.netaddr import SocketAddress
+from ..core.ratelimit import RateLimiter
+from ..core.runtime import ListenerRuntime, ListenerStats
+from ..core.upstream import UpstreamRuntime
+from ..http.pool import NodePool
+from ..l4.deadlines import Deadlines
+from ..l4.reactor import HAVE_REACTOR, Reactor
+from ..l4.relay import IdleSweeper, PipePool
+from . import systemd
 from .admin import admin_table, serve_admin
-from .config import Config, ListenerConfig
-from .configfiles import config_as_dict
-from .deadlines import Deadlines
-from .errors import BindError
-from .http.pool import NodePool
 from .listeners import ConnectionContext, bind_listener, bind_unix_listener, serve_listener
 from .metrics import lifecycle_families, render_metrics, sweeper_families
-from .netaddr import SocketAddress
-from .ratelimit import RateLimiter
-from .reactor import HAVE_REACTOR, Reactor
-from .relay import IdleSweeper, PipePool
 from .reloading import reconfigure_logging, reload_file, warn_start_only
-from .runtime import ListenerRuntime, ListenerStats
 from .statusdoc import local_listener_document, local_upstream_document, process_document
-from .upstream import UpstreamRuntime
 from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.daemon")
@@ -73,7 +74,7 @@ class Daemon:
     ``reuse_port`` sets SO_REUSEPORT on listeners (several worker processes per port);
     ``inherited`` maps listener addresses to sockets passed in by systemd.
 
-    A worker process under ``workers = N`` (``l4gw.workers``) also sets ``admin_path`` (the
+    A worker process under ``workers = N`` (``l4gw.workers.control``) also sets ``admin_path`` (the
     admin endpoint on that Unix socket instead of ``[daemon] admin``), ``remote_health`` (no
     DNS discovery and no active probes here: the control plane pushes node sets and check
     verdicts; passive ejection stays local) and ``extra_services`` (each started as

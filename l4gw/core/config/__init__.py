@@ -6,12 +6,12 @@ The package has one module per job, imported one way only (``model`` <- ``values
 - :mod:`.model`: the frozen attrs classes (:class:`Config` and its parts), their literal
   types and :class:`ConfigError`. No validation, no I/O.
 - :mod:`.values`: validators of single values (durations, names, addresses, path templates
-  via :mod:`l4gw.templates`).
+  via :mod:`l4gw.core.templates`).
 - :mod:`.load`: :func:`parse_config` and :func:`load_config`, which walk the tables and report
   every problem as ``"key.path: message"``.
 - :mod:`.describe`: :func:`describe`, the summary ``l4gw check`` prints.
 
-The names below are the public surface; import them from ``l4gw.config``.
+The names below are the public surface; import them from ``l4gw.core.config``.
 """
 
 from __future__ import annotations

@@ -19,20 +19,20 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from . import logs
-from .connect import NodeConnector, open_node_connection
-from .deadlines import Deadlines
-from .errors import BindError, GatewayError
-from .netaddr import SocketAddress
-from .nodes import NodeState
-from .proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
-from .reactor import Reactor
-from .relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
-from .runtime import ListenerRuntime
-from .upstream import NodeLease
+from ..core import logs
+from ..core.errors import BindError, GatewayError
+from ..core.netaddr import SocketAddress
+from ..core.nodes import NodeState
+from ..core.proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
+from ..core.runtime import ListenerRuntime
+from ..core.upstream import NodeLease
+from ..l4.connect import NodeConnector, open_node_connection
+from ..l4.deadlines import Deadlines
+from ..l4.reactor import Reactor
+from ..l4.relay import IdleSweeper, PipePool, Relay, SocketRelay, StreamRelay
 
 if TYPE_CHECKING:
-    from .http.pool import NodePool
+    from ..http.pool import NodePool
 
 log = structlog.get_logger("l4gw.listener")
 
@@ -555,11 +555,11 @@ async def _handle_stream(
         stream = _PrefixedStream(stream, early)
     try:
         if config.tls is not None:
-            from .tls import server_context_for
+            from ..core.tls import server_context_for
 
             context = server_context_for(config.tls, http=config.mode == "http")
             if config.mode == "http":
-                from .http.tlsstream import accept_tls
+                from ..http.tlsstream import accept_tls
 
                 stream = await accept_tls(sock, context, TLS_HANDSHAKE_TIMEOUT, early)
             else:
@@ -576,7 +576,7 @@ async def _handle_stream(
             raise
         return
     if config.mode == "http":
-        from .http.proxy import serve_http_connection
+        from ..http.proxy import serve_http_connection
 
         outcome = "error"
         try:

@@ -3,7 +3,7 @@
 ``l4gw run`` with ``[daemon] workers`` other than 1 runs ``ControlPlane``, which accepts no
 traffic. In one trio process it runs
 
-* the ``Supervisor`` (``l4gw.supervisor``) of N workers: ``l4gw run -c FILE --worker-index I
+* the ``Supervisor`` (``l4gw.workers.supervisor``) of N workers: ``l4gw run -c FILE --worker-index I
   --control-fd FD --admin-socket PATH``, each a full ``Daemon`` binding every listener with
   SO_REUSEPORT (or taking the sockets systemd passed), so the kernel spreads connections;
 * health checks and DNS discovery of every upstream, once for the whole daemon (not once per
@@ -13,7 +13,7 @@ traffic. In one trio process it runs
   ``/metrics`` for the whole daemon, merged from each worker's private admin endpoint (a Unix
   socket in a private temporary directory) and its own health state, ``/config`` its own.
 
-Node state push (``l4gw.nodechannel``): each worker has one Unix stream socket pair to the
+Node state push (``l4gw.workers.channel``): each worker has one Unix stream socket pair to the
 control plane. The control plane sends the node state (one JSON line) when it changes (looked
 at every ``PUSH_POLL``), the full state every ``PUSH_FULL`` and at once when a worker starts or
 answers READY=1. Workers run no discovery and no active probes
@@ -44,14 +44,17 @@ from typing import Any
 import structlog
 import trio
 
-from . import __version__
-from .admin import admin_table, serve_admin
-from .config import Config
-from .configfiles import config_as_dict
-from .errors import BindError
-from .health import find_monitor
-from .listeners import bind_listener
-from .metrics import (
+from .. import __version__
+from ..core.config import Config
+from ..core.config.files import config_as_dict
+from ..core.errors import BindError
+from ..core.health import find_monitor
+from ..core.netaddr import SocketAddress
+from ..core.runtime import ListenerStats
+from ..core.upstream import UpstreamRuntime
+from ..serve.admin import admin_table, serve_admin
+from ..serve.listeners import bind_listener
+from ..serve.metrics import (
     Family,
     add_families,
     cumulative_families,
@@ -61,14 +64,11 @@ from .metrics import (
     render_metrics,
     worker_families,
 )
-from .netaddr import SocketAddress
-from .nodechannel import ControlEnd, encode_node_states
-from .reloading import reconfigure_logging, reload_file, warn_start_only
-from .runtime import ListenerStats
-from .statusdoc import listener_document, node_document, process_document, upstream_document
+from ..serve.reloading import reconfigure_logging, reload_file, warn_start_only
+from ..serve.statusdoc import listener_document, node_document, process_document, upstream_document
+from ..serve.upstreams import UpstreamSet
+from .channel import ControlEnd, encode_node_states
 from .supervisor import FORWARDED_SIGNALS, Supervisor, WorkerHooks, WorkerSlot, worker_count
-from .upstream import UpstreamRuntime
-from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.workers")
 
@@ -444,7 +444,7 @@ class ControlPlane(WorkerHooks):
 
 def run_control_plane(config: Config, path: str) -> int:
     """``l4gw run`` with ``workers`` other than 1: the control plane until it stops."""
-    from . import systemd
+    from ..serve import systemd
 
     inherited = systemd.listen_fds()
     try:

@@ -10,7 +10,7 @@ descriptors with ``epoll.poll(0)`` and hands each to the object that owns it (``
 A message costs its two syscalls, an ``epoll_ctl`` happens only on backpressure transitions,
 and a connection costs no task.
 
-:class:`l4gw.connect.NodeConnector` connects to a node the same way (non-blocking
+:class:`l4gw.l4.connect.NodeConnector` connects to a node the same way (non-blocking
 ``connect``, ``EPOLLOUT``, ``SO_ERROR``), with ``connect_timeout`` kept on the reactor's timer
 heap, so an accepted plain TCP connection spawns no trio task at all.
 

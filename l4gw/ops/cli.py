@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import structlog
 import trio
 
-from . import __version__
-from .config import ConfigError, describe, load_config
+from .. import __version__
+from ..core.config import ConfigError, describe, load_config
 
 DEFAULT_CONFIG = "/etc/l4gw/conf.toml"
 
@@ -28,7 +28,7 @@ def _print_problems(path: str, exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .configfiles import config_as_dict, config_problems
+    from ..core.config.files import config_as_dict, config_problems
 
     path = config_path(args.config)
     try:
@@ -48,7 +48,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _print_diff(path: str, proposed: dict[str, object], admin: object) -> int:
     """``check --diff``: what a reload of ``path`` would change in the running daemon."""
-    from .configdiff import diff_configs
+    from ..core.config.diff import diff_configs
     from .statuscmd import StatusError, fetch_json
 
     if admin is None:
@@ -67,12 +67,12 @@ def _print_diff(path: str, proposed: dict[str, object], admin: object) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .configfiles import load_usable_config
-    from .daemon import Daemon
-    from .errors import BindError
-    from .logs import configure_logging
+    from ..core.config.files import load_usable_config
+    from ..core.errors import BindError
+    from ..core.logs import configure_logging
+    from ..serve.daemon import Daemon
+    from ..serve.systemd import InheritedSockets
     from .resources import capacity_warnings, raise_nofile_limit
-    from .systemd import InheritedSockets
 
     path = config_path(args.config)
     try:
@@ -88,14 +88,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not worker and config.daemon.workers != 1:
         # The control plane: health checks, discovery, admin and N workers; no traffic.
-        from .workers import run_control_plane
+        from ..workers.control import run_control_plane
 
         return run_control_plane(config, path)
     extra_services = []
     if args.control_fd is not None:
         import socket
 
-        from .nodechannel import control_service
+        from ..workers.channel import control_service
 
         try:
             control = socket.socket(fileno=args.control_fd)

@@ -1,4 +1,4 @@
-"""Opening connections to nodes: the two drivers of a :class:`l4gw.upstream.ConnectPlan`.
+"""Opening connections to nodes: the two drivers of a :class:`l4gw.core.upstream.ConnectPlan`.
 
 * :func:`connect_socket`: one non-blocking TCP connect with a timeout, in a task;
 * :func:`open_node_connection`: a whole plan in a task (retries over distinct nodes, backend
@@ -7,7 +7,7 @@
   ``SO_ERROR``, ``connect_timeout`` on the reactor's timer heap), so an accepted plain TCP
   connection spawns no trio task at all.
 
-Both drivers hand over the connected socket with the :class:`l4gw.upstream.NodeLease` that
+Both drivers hand over the connected socket with the :class:`l4gw.core.upstream.NodeLease` that
 counts it on its node; whoever ends the connection releases the lease.
 """
 
@@ -22,11 +22,11 @@ from collections.abc import Callable
 import structlog
 import trio
 
-from .errors import NoHealthyNode, UpstreamConnectError
-from .netaddr import SocketAddress
-from .nodes import NodeState
+from ..core.errors import NoHealthyNode, UpstreamConnectError
+from ..core.netaddr import SocketAddress
+from ..core.nodes import NodeState
+from ..core.upstream import ConnectPlan, NodeLease, UpstreamRuntime
 from .reactor import Reactor, ReactorStopped, Timer
-from .upstream import ConnectPlan, NodeLease, UpstreamRuntime
 
 log = structlog.get_logger("l4gw.connect")
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 if TYPE_CHECKING:
-    from .netaddr import SocketAddress
+    from ..core.netaddr import SocketAddress
 
 #: The first fd passed by systemd (``SD_LISTEN_FDS_START``).
 LISTEN_FDS_START = 3

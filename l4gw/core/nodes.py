@@ -36,7 +36,7 @@ class NodeState:
     #: Counters for /status and metrics.
     connections_total: int = 0
     connect_failures: int = 0
-    # -- health checking, owned by l4gw.health (docs/health.md). ``healthy`` above is
+    # -- health checking, owned by l4gw.core.health (docs/health.md). ``healthy`` above is
     # ``check_up and ejected_until is None``, kept in step by the health monitor.
     #: Verdict of the active checks (always True while ``check = "none"``).
     check_up: bool = True

@@ -14,9 +14,10 @@ from typing import Any
 
 import attrs
 
-from .config import Config, ConfigError, load_config
-from .netaddr import SocketAddress
-from .tls import build_client_context, check_certificates
+from ..netaddr import SocketAddress
+from ..tls import build_client_context, check_certificates
+from .load import load_config
+from .model import Config, ConfigError
 
 __all__ = ["config_as_dict", "config_problems", "load_usable_config"]
 

@@ -29,10 +29,10 @@ import dns.resolver
 import structlog
 import trio
 
-from .config import DiscoveryConfig
-from .health import nodes_changed
-from .netaddr import SocketAddress
-from .upstream import UpstreamRuntime
+from ..core.config import DiscoveryConfig
+from ..core.health import nodes_changed
+from ..core.netaddr import SocketAddress
+from ..core.upstream import UpstreamRuntime
 
 __all__ = [
     "Answer",

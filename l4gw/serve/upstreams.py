@@ -14,12 +14,13 @@ from typing import Any
 
 import trio
 
-from .acl import BackendAuthorization
-from .config import Config
+from ..core.acl import BackendAuthorization
+from ..core.config import Config
+from ..core.health import find_monitor, nodes_changed
+from ..core.upstream import UpstreamRuntime
 from .discovery import discovery_stats, serve_discovery
-from .health import find_monitor, nodes_changed, serve_health
+from .healthchecks import serve_health
 from .metrics import DISCOVERY_COUNTERS, HEALTH_COUNTERS, Metric, MetricFamily, Sample
-from .upstream import UpstreamRuntime
 
 Service = Callable[..., Awaitable[object]]
 

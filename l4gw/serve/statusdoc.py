@@ -13,13 +13,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import __version__
-from .config import ListenerConfig
+from .. import __version__
+from ..core.config import ListenerConfig
+from ..core.health import find_monitor, node_status
+from ..core.nodes import NodeState
+from ..core.runtime import ListenerRuntime
+from ..core.upstream import UpstreamRuntime
 from .discovery import discovery_stats
-from .health import find_monitor, node_status
-from .nodes import NodeState
-from .runtime import ListenerRuntime
-from .upstream import UpstreamRuntime
 
 __all__ = [
     "listener_document",

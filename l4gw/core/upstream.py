@@ -10,7 +10,7 @@ out of service: they get no new connections, while their live connections run on
 ``random_two`` and ``max_connections_per_node`` read): one lease per node connection, held
 while the connection is in use. ``ConnectPlan`` is the attempt-by-attempt logic of one
 client's connect (retries over distinct nodes, backend authorization, the counters, logs and
-final errors); :mod:`l4gw.connect` drives it from a task and from the reactor's callbacks, and
+final errors); :mod:`l4gw.l4.connect` drives it from a task and from the reactor's callbacks, and
 :class:`l4gw.http.pool.NodePool` with keep-alive reuse.
 """
 

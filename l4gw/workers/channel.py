@@ -4,7 +4,7 @@ both ends of the socket it goes over.
 Each worker has one Unix stream socket pair to the control plane (its end passed at
 ``--control-fd``). The control plane sends one JSON line per change of the node set or of an
 active check verdict, and the full state now and then and when a worker starts or answers
-READY=1 (``l4gw.workers``)::
+READY=1 (``l4gw.workers.control``)::
 
     {"upstreams": {"web": [{"address": "10.0.1.10:80", "weight": 10, "source": "static",
                             "check_up": true}, ...]}}
@@ -30,9 +30,9 @@ import attrs
 import structlog
 import trio
 
-from .health import nodes_changed
-from .netaddr import SocketAddress, parse_socket_address
-from .upstream import UpstreamRuntime
+from ..core.health import nodes_changed
+from ..core.netaddr import SocketAddress, parse_socket_address
+from ..core.upstream import UpstreamRuntime
 
 __all__ = [
     "FIRST_SNAPSHOT_WAIT",

@@ -3,7 +3,7 @@
 Two implementations behind one bookkeeping class:
 
 * ``SocketRelay``: a per-connection state machine driven by the ``Reactor``
-  (``l4gw.reactor``): both plain non-blocking TCP sockets sit in one level-triggered epoll set
+  (``l4gw.l4.reactor``): both plain non-blocking TCP sockets sit in one level-triggered epoll set
   that a single trio task polls, so a connection costs no task and a message costs no trio
   call. Small messages are copied through one shared buffer (``recv_into`` + ``send``); a
   direction whose read fills that buffer switches to zero-copy ``os.splice`` (socket → pipe →
@@ -18,7 +18,7 @@ any other error) on one side aborts the connection: the other side is closed at 
 reset (``SO_LINGER`` 0) when the first side was reset.
 
 Idle timeout: no per-connection timers. ``IdleSweeper`` (one entry of the daemon's
-``l4gw.deadlines.Deadlines``) looks at every live relay's byte counters a few times per
+``l4gw.l4.deadlines.Deadlines``) looks at every live relay's byte counters a few times per
 timeout period and aborts those that did not move for ``idle_timeout`` seconds; the hot path
 only adds to counters it keeps anyway.
 """
@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from ..core.nodes import NodeState
 from .deadlines import Deadlines
-from .nodes import NodeState
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -591,7 +591,7 @@ async def copy_pump(
 
 
 class IdleSweeper:
-    """The L4 part of the daemon's one deadline sweeper (``l4gw.deadlines.Deadlines``, of
+    """The L4 part of the daemon's one deadline sweeper (``l4gw.l4.deadlines.Deadlines``, of
     which it is an entry): aborts relays that moved no byte either way for their
     ``idle_timeout``, and relays whose node or listener a reload removed once their
     ``drain_timeout`` has passed.

@@ -14,10 +14,10 @@ from typing import Protocol
 
 import structlog
 
-from .config import Config, ConfigError, DaemonConfig
-from .configfiles import load_usable_config
-from .errors import BindError
-from .logs import configure_logging
+from ..core.config import Config, ConfigError, DaemonConfig
+from ..core.config.files import load_usable_config
+from ..core.errors import BindError
+from ..core.logs import configure_logging
 
 __all__ = ["START_ONLY", "Reloadable", "reconfigure_logging", "reload_file", "warn_start_only"]
 

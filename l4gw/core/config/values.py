@@ -3,9 +3,9 @@
 Each validator takes one TOML value and returns the typed value or raises ``ValueError`` whose
 text is the message shown after the key path (``"must be an integer 0..1000 (got 1001)"``);
 :class:`_Invalid` carries several such problems under sub-paths (an array's items). The
-underscore names are private to the ``l4gw.config`` package; :func:`parse_duration`,
+underscore names are private to the ``l4gw.core.config`` package; :func:`parse_duration`,
 :func:`format_duration` and :func:`path_variables` are public. Route paths and rewrites follow
-the one grammar in :mod:`l4gw.templates`, which the route matcher compiles too. No I/O.
+the one grammar in :mod:`l4gw.core.templates`, which the route matcher compiles too. No I/O.
 """
 
 from __future__ import annotations
@@ -314,13 +314,13 @@ def _alpn(value: object) -> str:
 
 
 def _check_path_text(value: object, *, what: str) -> str:
-    """A path such as a health check's (see :func:`l4gw.templates.check_path_text`)."""
+    """A path such as a health check's (see :func:`l4gw.core.templates.check_path_text`)."""
     return check_path_text(_string(value), what=what)
 
 
 def _check_rewrite(value: object, variables: Mapping[str, bool]) -> str:
     """A rewrite may use only the path's variables (``{name}`` or ``{name+}`` for greedy);
-    the grammar is :func:`l4gw.templates.parse_rewrite`."""
+    the grammar is :func:`l4gw.core.templates.parse_rewrite`."""
     text = _string(value)
     parse_rewrite(text, variables)
     return text

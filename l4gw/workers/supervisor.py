@@ -17,7 +17,7 @@ nothing and proxies nothing; it
   workers close at once;
 * speaks ``sd_notify`` for the whole service. Each worker gets ``NOTIFY_SOCKET`` pointing at a
   datagram socket of the supervisor's (one per worker slot, abstract namespace) and runs the
-  same ``l4gw.systemd`` calls as a lone daemon. The supervisor sends READY=1 to systemd once
+  same ``l4gw.serve.systemd`` calls as a lone daemon. The supervisor sends READY=1 to systemd once
   every worker has, RELOADING=1 on SIGHUP and READY=1 when every worker that was running has
   answered READY=1 (or exited), STOPPING=1 on SIGTERM, and a STATUS line with the counts. So
   the unit keeps ``NotifyAccess=main``;
@@ -31,9 +31,9 @@ nothing and proxies nothing; it
   pid by a ``/bin/sh -c 'export LISTEN_PID=$$; exec "$@"'`` wrapper. All the workers then
   accept from the same socket.
 
-``hooks`` (a ``WorkerHooks``) lets the owner of the supervisor (``l4gw.workers``, the control
-plane) pass one more fd to each worker process, hear about starts, READY=1 and exits, and see
-the signals before they are forwarded.
+
+
+
 
 Under systemd, use ``KillMode=mixed``: SIGTERM goes to the supervisor only, which forwards it
 (with the default ``control-group`` every worker would get it twice). Outside systemd, stop the
@@ -53,7 +53,7 @@ import attrs
 import structlog
 import trio
 
-from . import systemd
+from ..serve import systemd
 
 log = structlog.get_logger("l4gw.supervisor")
 
