@@ -1,7 +1,7 @@
-"""http mode end to end on loopback: real clients -> serve_http_connection -> real nodes.
+"""http mode end to end on loopback: real clients -> handle_http_connection -> real nodes.
 
 The nodes are small h11 servers run in the test (they record every byte they receive); the
-gateway is ``serve_http_connection`` behind a ``trio.serve_tcp`` listener with a
+gateway is ``handle_http_connection`` behind a ``trio.serve_tcp`` listener with a
 ``ListenerRuntime`` built by hand. Clients are raw sockets, an h11 client, and curl.
 
 Every test runs twice: with the gateway's task serving every request ("task"), and with a
@@ -40,7 +40,7 @@ from l4gw.core.ratelimit import RateLimiter
 from l4gw.core.runtime import ListenerRuntime, ListenerStats
 from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http.pool import NodePool
-from l4gw.http.proxy import serve_http_connection
+from l4gw.http.proxy import handle_http_connection
 from l4gw.http.tlsstream import accept_tls
 from l4gw.http.wire import ResponseHead, ResponseReader
 from l4gw.l4.deadlines import Deadlines
@@ -326,7 +326,7 @@ async def start_gateway(
     deadlines: Deadlines | None = None,
     **config: Any,
 ) -> Gateway:
-    """An http listener served by ``serve_http_connection`` in ``nursery``; the node pool and
+    """An http listener served by ``handle_http_connection`` in ``nursery``; the node pool and
     the deadline sweeper (new ones, run in ``nursery``, unless given) are the gateway's."""
     if pool is None:
         pool = NodePool()
@@ -361,7 +361,7 @@ async def start_gateway(
                 stream = await accept_tls(tcp.socket, tls_context, 5)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 return
-        await serve_http_connection(
+        await handle_http_connection(
             runtime,
             stream,
             (peer[0], peer[1]),

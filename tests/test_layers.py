@@ -9,9 +9,9 @@ The layers, lowest first (a module may import from its own layer and the ones be
 ``core``     configuration, policy and state: no trio, no event loop
 ``l4``       the reactor, connecting to nodes, relaying bytes, tcp serving
 ``http``     the exchange, codecs, routes, TLS stream and the two drivers
-``serve``    the daemon: listeners, admin, metrics, health and discovery drivers
+``serve``    the daemon: listeners, admin, metrics, health and discovery drivers, systemd
 ``workers``  the control plane, its channel to workers, the supervisor
-``ops``      the command line, systemd, the status command, the demo
+``ops``      the command line, the status command, the demo, resource checks
 """
 
 from __future__ import annotations

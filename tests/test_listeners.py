@@ -13,7 +13,9 @@ from l4gw.core.config import parse_config
 from l4gw.core.netaddr import SocketAddress, parse_network
 from l4gw.core.ratelimit import RateLimiter
 from l4gw.core.runtime import ListenerRuntime, ListenerStats
-from l4gw.serve.listeners import BindError, _guarded, admit, bind_listener
+from l4gw.l4.client import ClientConnection
+from l4gw.serve import listeners
+from l4gw.serve.listeners import BindError, admit, bind_listener
 
 
 def runtime(mode: str, *, deny: str = "", rate: float = 0, maximum: int = 0) -> ListenerRuntime:
@@ -69,25 +71,53 @@ def test_bind_failure_names_listener_and_address() -> None:
             bind_listener("web", SocketAddress("127.0.0.1", port))
 
 
-async def test_a_bug_in_a_handler_costs_one_connection_not_the_daemon() -> None:
+def accepted_pair() -> tuple[socket.socket, socket.socket]:
+    """(server side, client side) of a loopback connection."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    return accepted, client
+
+
+async def test_a_bug_in_a_handler_costs_one_connection_not_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection task is the one owner: the socket is closed and the connection
+    finished (counted, logged) whatever the serving code does."""
     listener = runtime("tcp")
 
-    async def broken(_listener: ListenerRuntime) -> None:
+    async def broken(_conn: ClientConnection, _ctx: object) -> None:
         raise RuntimeError("a bug")
 
-    with trio.fail_after(5), structlog.testing.capture_logs() as logs:
-        await _guarded(broken, listener)
-    assert logs[0]["event"] == "connection_failed"
+    monkeypatch.setattr(listeners, "_serve", broken)
+    accepted, client = accepted_pair()
+    with client, trio.fail_after(5), structlog.testing.capture_logs() as logs:
+        conn = ClientConnection(listener, accepted, ("127.0.0.1", 1), trio.current_time())
+        assert listener.stats.active == 1
+        await listeners._serve_task(conn, None)  # type: ignore[arg-type]
+        assert client.recv(10) == b""  # closed
+    assert accepted.fileno() == -1
+    assert listener.stats.active == 0 and listener.stats.outcomes["error"] == 1
+    assert [entry["event"] for entry in logs] == ["connection_failed", "connection"]
     assert logs[0]["listener"] == "l"
+    assert logs[1]["outcome"] == "error" and logs[1]["reason"] == "internal error"
 
 
-async def test_cancellation_still_propagates() -> None:
+async def test_cancellation_still_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
     listener = runtime("tcp")
 
-    async def sleeper(_listener: ListenerRuntime) -> None:
+    async def sleeper(_conn: ClientConnection, _ctx: object) -> None:
         await trio.sleep_forever()
 
-    with trio.fail_after(5):
+    monkeypatch.setattr(listeners, "_serve", sleeper)
+    accepted, client = accepted_pair()
+    with client, trio.fail_after(5):
+        conn = ClientConnection(listener, accepted, ("127.0.0.1", 1), trio.current_time())
         with trio.move_on_after(0.01) as scope:
-            await _guarded(sleeper, listener)
+            with structlog.testing.capture_logs() as logs:
+                await listeners._serve_task(conn, None)  # type: ignore[arg-type]
         assert scope.cancelled_caught
+    assert accepted.fileno() == -1 and listener.stats.active == 0
+    assert logs[-1]["outcome"] == "error" and logs[-1]["reason"] == "shutdown"

@@ -1,6 +1,6 @@
 """Plain HTTP/1.1 keep-alive served from the reactor: no task switch, no epoll re-arm per request.
 
-The task that serves an http connection (:func:`l4gw.http.proxy.serve_http_connection`)
+The task that serves an http connection (:func:`l4gw.http.proxy.handle_http_connection`)
 hands a plain-TCP client connection to a :class:`FastConnection` whenever it waits for the
 next request, and parks. The reactor (:mod:`l4gw.l4.reactor`) then drives the connection with
 callbacks, request after request, as long as each one is ordinary:

@@ -1,6 +1,6 @@
 """The L7 data path: HTTP/1.1 from clients (parsed by h11) to nodes (l4gw.http.wire).
 
-:func:`serve_http_connection` serves one accepted client connection (plain or TLS) until it
+:func:`handle_http_connection` serves one accepted client connection (plain or TLS) until it
 closes. It is one of the two drivers of the connection's
 :class:`~l4gw.http.exchange.Exchange`, which decides everything about a request (routing,
 admission, what goes to the node and to the client, retries, timeouts); this task reads
@@ -73,7 +73,7 @@ from .strict import FOLD_MESSAGE, REFUSE, START, head_refusal, scan_head
 from .tlsstream import TLSStream
 from .wire import LAST_CHUNK, chunk, response_head
 
-__all__ = ["MAX_HEAD", "NO_ROUTE", "serve_http_connection"]
+__all__ = ["MAX_HEAD", "NO_ROUTE", "handle_http_connection"]
 
 log = structlog.get_logger("l4gw.http")
 
@@ -109,7 +109,7 @@ class _Upload:
 # -- entry point ----------------------------------------------------------------------------
 
 
-async def serve_http_connection(
+async def handle_http_connection(
     listener: ListenerRuntime,
     stream: trio.abc.Stream,
     client: tuple[str, int],
