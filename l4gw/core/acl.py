@@ -24,11 +24,9 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from .errors import GatewayError
 from .netaddr import IPNetwork, SocketAddress
 
 __all__ = [
-    "AccessDenied",
     "AuthorizeRuleLike",
     "BackendAuthorization",
     "SourceACL",
@@ -51,13 +49,6 @@ _inet_pton = socket.inet_pton
 _from_bytes = int.from_bytes
 _bisect_right = bisect.bisect_right
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
-
-
-class AccessDenied(GatewayError):
-    """A client's source address is not allowed on a listener (HTTP 403)."""
-
-    outcome = "denied"
-    status_hint = 403
 
 
 def parse_ip_int(text: str) -> tuple[int, int] | None:
@@ -211,11 +202,6 @@ class SourceACL:
             return False
         i = _bisect_right(firsts, value) - 1
         return i >= 0 and value <= lasts[i]
-
-    def check(self, ip: str) -> None:
-        """Raise ``AccessDenied`` unless ``allows(ip)``."""
-        if not self.allows(ip):
-            raise AccessDenied(f"source {ip} is not allowed")
 
     def __repr__(self) -> str:
         allow = ", ".join(map(str, self.allow))

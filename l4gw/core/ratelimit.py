@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from .errors import GatewayError
-
-__all__ = ["RateLimited", "RateLimiter"]
+__all__ = ["RateLimiter"]
 
 # Token counts are floats; refilling 0.1 token/s for 10 s may give 0.9999999999999999.
 # A token this close to whole counts as whole, which admits at most one request a few
@@ -22,13 +20,6 @@ _EPSILON = 1e-9
 #: a call never does a long sweep after a flood subsides; at two per call, forgetting
 #: outpaces the one bucket a call can add.
 _SWEEP_PER_CALL = 2
-
-
-class RateLimited(GatewayError):
-    """A source exceeded its listener's ``rate_limit`` (HTTP 429)."""
-
-    outcome = "rate_limited"
-    status_hint = 429
 
 
 class RateLimiter:
@@ -118,11 +109,6 @@ class RateLimiter:
                     return
             else:
                 return
-
-    def check(self, key: str, now: float) -> None:
-        """Raise ``RateLimited`` unless ``allow(key, now)``."""
-        if not self.allow(key, now):
-            raise RateLimited(f"source {key} exceeded {self.rate:g} per second")
 
     @property
     def tracked(self) -> int:
