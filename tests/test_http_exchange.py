@@ -27,6 +27,7 @@ from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http import exchange as ex
 from l4gw.http import timeouts
 from l4gw.http.exchange import Exchange
+from l4gw.http.responses import DEFAULT_KEEPALIVE
 from l4gw.http.routes import RouteTable, route_table
 from l4gw.http.wire import ResponseReader
 
@@ -408,6 +409,9 @@ def test_a_fresh_connection_that_fails_is_502() -> None:
     assert out.startswith(b"HTTP/1.1 502 ")
     assert b"node 192.0.2.10:8080: Connection reset by peer" in out
     assert not exchange.reuse_node
+    # The client has the listener's idle timeout to take the answer.
+    keepalive = exchange.conn.listener.config.idle_timeout or DEFAULT_KEEPALIVE
+    assert (exchange.phase, exchange.deadline) == (timeouts.SEND, 3.0 + keepalive)
 
 
 @pytest.mark.parametrize("method", [b"POST", b"PATCH"])

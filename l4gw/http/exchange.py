@@ -397,13 +397,13 @@ class Exchange:
     def node_send_failed(self, why: str, now: float) -> int:
         """Writing the request to the node failed."""
         if self.state == _EXCHANGE:
-            return self._failed(f"sending failed ({why})", self.reused)
+            return self._failed(f"sending failed ({why})", self.reused, now)
         return self._cut_short()
 
     def node_read_failed(self, why: str, now: float) -> int:
         """Reading the response from the node failed."""
         if self.state == _EXCHANGE:
-            return self._failed(why, self.reused and not self.got_bytes)
+            return self._failed(why, self.reused and not self.got_bytes, now)
         return self._cut_short()
 
     def pump(self, now: float) -> int:
@@ -430,7 +430,9 @@ class Exchange:
                     break
                 if head.status == 101:
                     if not self.upgrade:
-                        return self._failed("node switched protocols unasked", False, named=False)
+                        return self._failed(
+                            "node switched protocols unasked", False, now, named=False
+                        )
                     self.switch_head = head
                     self.record.status = 101
                     self.responded = True
@@ -446,7 +448,7 @@ class Exchange:
                         )
                     )
         except NodeProtocolError as exc:
-            return self._failed(str(exc), self.reused and not self.got_bytes)
+            return self._failed(str(exc), self.reused and not self.got_bytes, now)
         return self._response(head, now)
 
     def _response(self, response: ResponseHead, now: float) -> int:
@@ -493,7 +495,7 @@ class Exchange:
             return SEND_CLIENT | PUMP
         return (SEND_CLIENT | READ_NODE) if out else READ_NODE
 
-    def _failed(self, message: str, retry: bool, *, named: bool = True) -> int:
+    def _failed(self, message: str, retry: bool, now: float, *, named: bool = True) -> int:
         """No response head was relayed: retry an idempotent request once on a fresh
         connection if a reused one turned out dead, else answer 502."""
         node = self.node
@@ -509,7 +511,7 @@ class Exchange:
             self.phase = BUSY
             self.deadline = math.inf
             return RELEASE | RETRY | CONNECT
-        return RELEASE | self.refuse(502, message, math.nan)
+        return RELEASE | self.refuse(502, message, now)
 
     def _cut_short(self) -> int:
         """The node failed after the response head went out: the client sees the connection
@@ -524,8 +526,8 @@ class Exchange:
 
     def refuse(self, status: int, message: str, now: float, *, close: bool = False) -> int:
         """Answer the current request with a gateway error (the connection may carry another
-        request if the request body was read in full and nothing asks to close). ``now``
-        NaN: the deadline is left as it is (an answer right after a node failure)."""
+        request if the request body was read in full and nothing asks to close); the client
+        must take it within the listener's idle timeout."""
         record = self.record
         record.status = status
         self.state = _OVER
@@ -543,9 +545,8 @@ class Exchange:
         self.responded = True
         self.out.append(error_response(status, message, keep=keep))
         self.phase = SEND
-        if not math.isnan(now):
-            config = self.conn.listener.config
-            self.deadline = now + (config.idle_timeout or DEFAULT_KEEPALIVE)
+        config = self.conn.listener.config
+        self.deadline = now + (config.idle_timeout or DEFAULT_KEEPALIVE)
         return SEND_CLIENT | DONE
 
     def client_gone(self) -> int:
