@@ -39,6 +39,7 @@ from l4gw.core.netaddr import SocketAddress
 from l4gw.core.ratelimit import RateLimiter
 from l4gw.core.runtime import ListenerRuntime, ListenerStats
 from l4gw.core.upstream import UpstreamRuntime
+from l4gw.http import proxy
 from l4gw.http.pool import NodePool
 from l4gw.http.proxy import handle_http_connection
 from l4gw.http.tlsstream import accept_tls
@@ -292,6 +293,8 @@ class Gateway:
     #: The node pool and the deadline sweeper it serves with (the daemon's, in a daemon).
     pool: NodePool = attrs.field(factory=NodePool)
     deadlines: Deadlines = attrs.field(factory=Deadlines)
+    #: Connections being served (``handle_http_connection`` has not returned yet).
+    serving: list[int] = attrs.field(factory=lambda: [0])
 
     @property
     def base(self) -> str:
@@ -353,7 +356,16 @@ async def start_gateway(
         access_log=access_log,
     )
 
+    serving = [0]
+
     async def handler(tcp: trio.SocketStream) -> None:
+        serving[0] += 1
+        try:
+            await serve(tcp)
+        finally:
+            serving[0] -= 1
+
+    async def serve(tcp: trio.SocketStream) -> None:
         peer = tcp.socket.getpeername()
         stream: trio.abc.Stream = tcp
         if tls_context is not None:  # as an http listener does it
@@ -372,7 +384,8 @@ async def start_gateway(
         )
 
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return Gateway(runtime, listeners[0].socket.getsockname()[1], tls_context, pool, deadlines)
+    port = listeners[0].socket.getsockname()[1]
+    return Gateway(runtime, port, tls_context, pool, deadlines, serving)
 
 
 class TLSCerts:
@@ -740,6 +753,32 @@ async def test_connection_close_response_is_not_reused(setup: Setup) -> None:
         assert (await client.request("GET", "/after")).json()["connection"] == 1
         await client.aclose()
         assert node.connections == 2
+
+
+@pytest.mark.parametrize("path", ["/", "/missing"])
+async def test_connection_close_request_is_closed_at_once(
+    setup: Setup, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request read in full with ``Connection: close`` (h11's MUST_CLOSE) is answered and
+    its connection closed at once, whether a node or the gateway answered: lingering is only
+    for request bytes left unread, and the client need not close first."""
+    monkeypatch.setattr(proxy, "LINGER_TIME", 8.0)
+    with trio.fail_after(20):
+        only = {"fallback": None, "routes": [RouteConfig(path="/only", upstream="web")]}
+        gateway, _ = await setup(**(only if path == "/missing" else {}))
+        stream = await open_stream(gateway.port)
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = bytearray()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        head, _ = one_response(bytes(received))
+        assert head.status == (404 if path == "/missing" else 200)
+        with trio.fail_after(4):  # not LINGER_TIME: the client still holds its end open
+            while gateway.serving[0]:
+                await trio.sleep(0.01)
+        await stream.aclose()
 
 
 async def test_dead_pooled_connection_is_retried_for_idempotent_methods(setup: Setup) -> None:

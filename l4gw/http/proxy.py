@@ -225,7 +225,7 @@ class _Handler(HttpConn):
             with contextlib.suppress(h11.RemoteProtocolError):
                 while type(h.next_event()) is h11.Data:
                     pass
-        return h.their_state is h11.DONE
+        return h.their_state in _REQUEST_READ
 
     async def timed_out(self, phase: int) -> None:
         """Answer for a timeout (outside the cancelled scope), before the connection closes."""
@@ -562,7 +562,7 @@ class _Handler(HttpConn):
         exchange = self.exchange
         self.log_unlogged(exchange.record)
         keep = exchange.keep
-        if not keep and self.h.their_state is not h11.DONE and exchange.responded:
+        if not keep and exchange.responded and not self.request_body_done():
             self.linger = True
         return keep
 
@@ -719,6 +719,11 @@ class _Handler(HttpConn):
                 await stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(stream)
+
+
+#: The client's states once its request was read in full (``MUST_CLOSE``: it asked for
+#: ``Connection: close``) or it closed: nothing is left to linger for.
+_REQUEST_READ = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
 
 
 def _protocol_message(status: int, exc: h11.RemoteProtocolError | None) -> str:
