@@ -19,7 +19,7 @@ def test_on_idle_runs_each_time_active_drops_to_zero(steps: list[bool]) -> None:
         if opened:
             stats.active += 1
         elif stats.active:
-            stats.active -= 1
+            stats.connection_ended()
             expected += stats.active == 0
     assert calls == [0] * expected
 
@@ -27,5 +27,6 @@ def test_on_idle_runs_each_time_active_drops_to_zero(steps: list[bool]) -> None:
 def test_without_on_idle_it_is_a_plain_counter() -> None:
     stats = ListenerStats()
     stats.active += 2
-    stats.active -= 2
+    stats.connection_ended()
+    stats.connection_ended()
     assert stats.active == 0

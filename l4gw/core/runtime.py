@@ -50,14 +50,18 @@ class Histogram:
 class ListenerStats:
     """Counters of one listener name, kept across reloads.
 
-    ``on_idle`` (set by the daemon) is called, synchronously and without awaiting, each time
-    ``active`` drops to 0: the drain waits on that instead of polling the counters.
+    ``active`` counts the connections under way: raised by hand when one is admitted,
+    lowered only by :meth:`connection_ended`, which calls ``on_idle`` (set by the daemon),
+    synchronously and without awaiting, each time it drops to 0: the drain waits on that
+    instead of polling the counters. (A plain attribute, not a property: it is written twice
+    per connection.)
     """
 
-    __slots__ = ("_active", "bytes_in", "bytes_out", "durations", "on_idle", "outcomes", "requests")
+    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "on_idle", "outcomes", "requests")
 
     def __init__(self) -> None:
-        self._active = 0
+        #: Connections of this listener under way (accepted and not yet ended).
+        self.active = 0
         self.on_idle: Callable[[], None] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -66,15 +70,10 @@ class ListenerStats:
         self.requests: dict[tuple[str, int], int] = {}
         self.durations = Histogram()
 
-    @property
-    def active(self) -> int:
-        """Connections of this listener under way (accepted and not yet ended)."""
-        return self._active
-
-    @active.setter
-    def active(self, value: int) -> None:
-        self._active = value
-        if not value:
+    def connection_ended(self) -> None:
+        """One connection fewer under way (``on_idle`` runs if none is left)."""
+        self.active -= 1
+        if not self.active:
             on_idle = self.on_idle
             if on_idle is not None:
                 on_idle()

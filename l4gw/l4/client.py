@@ -158,7 +158,7 @@ class ClientConnection:
         self.finished = True
         listener = self.listener
         stats = listener.stats
-        stats.active -= 1
+        stats.connection_ended()
         outcomes = stats.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         stats.bytes_in += bytes_in

@@ -58,9 +58,11 @@ def _upstream(conn: ClientConnection) -> UpstreamRuntime:
     return conn.listener.upstreams[name]
 
 
-def plain_upstream(conn: ClientConnection) -> bool:
-    """True when nothing must be sent to the node before the relay (no PROXY header)."""
-    return _upstream(conn).config.proxy_protocol == "off"
+def plain_upstream(conn: ClientConnection) -> UpstreamRuntime | None:
+    """The connection's upstream when nothing must be sent to its nodes before the relay
+    (no PROXY header), else None."""
+    upstream = _upstream(conn)
+    return upstream if upstream.config.proxy_protocol == "off" else None
 
 
 def _relay_finisher(conn: ClientConnection, sweeper: IdleSweeper) -> Callable[[Relay], None]:
@@ -82,10 +84,12 @@ def _connect_failed(conn: ClientConnection, exc: BaseException) -> None:
     conn.finish(outcome, reason=str(exc))
 
 
-def serve_tcp_in_reactor(conn: ClientConnection, ctx: TcpContext, reactor: Reactor) -> None:
-    """Connect and relay from the reactor's callbacks (no task). Returns at once; the relay
-    (or the failed connect) finishes the connection."""
-    upstream = _upstream(conn)
+def serve_tcp_in_reactor(
+    conn: ClientConnection, upstream: UpstreamRuntime, ctx: TcpContext, reactor: Reactor
+) -> None:
+    """Connect a node of ``upstream`` (the connection's, from :func:`plain_upstream`) and
+    relay, from the reactor's callbacks (no task). Returns at once; the relay (or the failed
+    connect) finishes the connection."""
 
     def connected(node_sock: socket.socket, lease: NodeLease, mask: int) -> None:
         conn.lease = lease

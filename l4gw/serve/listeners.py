@@ -224,9 +224,9 @@ def _dispatch(conn: ClientConnection, ctx: ConnectionContext) -> None:
         and config.mode == "tcp"
         and config.tls is None
         and not config.accept_proxy_protocol
-        and plain_upstream(conn)
+        and (upstream := plain_upstream(conn)) is not None
     ):
-        serve_tcp_in_reactor(conn, ctx, reactor)
+        serve_tcp_in_reactor(conn, upstream, ctx, reactor)
         return
     ctx.nursery.start_soon(_serve_task, conn, ctx, name=_TASK_NAME)
 
