@@ -11,6 +11,7 @@ daemon's set-up, :mod:`l4gw.http.fastpath`). Both must behave the same.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import ssl
@@ -40,6 +41,7 @@ from l4gw.core.ratelimit import RateLimiter
 from l4gw.core.runtime import ListenerRuntime, ListenerStats
 from l4gw.core.upstream import UpstreamRuntime
 from l4gw.http import proxy
+from l4gw.http.conn import HttpConn
 from l4gw.http.pool import NodePool
 from l4gw.http.proxy import handle_http_connection
 from l4gw.http.tlsstream import accept_tls
@@ -779,6 +781,35 @@ async def test_connection_close_request_is_closed_at_once(
             while gateway.serving[0]:
                 await trio.sleep(0.01)
         await stream.aclose()
+
+
+async def test_a_finished_connection_is_freed_without_the_cyclic_collector(setup: Setup) -> None:
+    """Nothing a connection holds is kept in a reference cycle: with the cyclic garbage
+    collector off, no connection object survives its connection (a cycle would keep its
+    sockets, TLS objects and h11 state until a later collection, which under load costs
+    more than the requests themselves)."""
+    with trio.fail_after(10):
+        gateway, _ = await setup()
+        gc.collect()
+        gc.disable()
+        try:
+            for close in (False, True):
+                client = await Client.connect(gateway.port)
+                for _ in range(3):
+                    assert (await client.request("GET", "/")).status == 200
+                if close:
+                    stream = await open_stream(gateway.port)
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                    while await stream.receive_some(65536):
+                        pass
+                    await stream.aclose()
+                await client.aclose()
+            while gateway.serving[0]:
+                await trio.sleep(0.01)
+            left = [o for o in gc.get_objects() if isinstance(o, HttpConn)]
+            assert left == []
+        finally:
+            gc.enable()
 
 
 async def test_dead_pooled_connection_is_retried_for_idempotent_methods(setup: Setup) -> None:

@@ -9,6 +9,8 @@ serves the connection. Neither driver imports the other's internals.
 
 from __future__ import annotations
 
+import weakref
+
 import trio
 
 from ..core import logs
@@ -31,6 +33,7 @@ class HttpConn:
     """
 
     __slots__ = (
+        "__weakref__",
         "bytes_in",
         "bytes_out",
         "client",
@@ -72,7 +75,10 @@ class HttpConn:
         #: The daemon's node pool and deadline sweeper.
         self.pool = pool
         self.deadlines = deadlines
-        self.exchange = Exchange(self, trio.current_time())
+        # The exchange refers to its connection weakly: no reference cycle, so everything a
+        # connection holds (sockets, TLS objects, h11 state) is freed as soon as it ends, not
+        # by a later cyclic garbage collection.
+        self.exchange = Exchange(weakref.proxy(self), trio.current_time())
 
     # -- what the timeout sweeper reads ---------------------------------------------------
 

@@ -233,6 +233,7 @@ class Reactor:
                         handler.on_event(fd, mask)
                     except Exception:
                         self._handler_failed(handler)
+                handler = None  # a finished connection is not kept until the next event
                 rounds += 1
                 if rounds >= MAX_ROUNDS:
                     # Fairness: the other trio tasks (accept loops, health checks) run now.
