@@ -19,6 +19,7 @@ from bench.procs import REPO_ROOT, raise_nofile_limit
 from bench.report import Results, machine_info, table, to_json, write_json
 from bench.runner import Plan, execute, say, select_measurements
 from bench.tlscert import KEY_TYPES
+from l4gw.core.capacity import connection_cap, fd_reserve
 
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "latest.json"
 
@@ -140,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         tls=args.tls,
         tls_key_type=args.tls_key,
     )
-    idle_conns = min(args.idle_conns, settings.maxconn - 100)
+    # l4gw refuses connections past its own cap from the same limit (l4gw.core.capacity).
+    idle_conns = min(args.idle_conns, settings.maxconn - 100, connection_cap(nofile) - 100)
     if idle_conns < args.idle_conns:
         say(
             f"idle connections capped at {idle_conns} (not {args.idle_conns}): "
-            f"RLIMIT_NOFILE is {nofile} and a proxy holds two descriptors per connection"
+            f"RLIMIT_NOFILE is {nofile}, a proxy holds two descriptors per connection and "
+            f"l4gw keeps {fd_reserve(nofile)} in reserve"
         )
     measurements, notes = select_measurements(args.only, args.mode, args.tls)
     for note in notes:

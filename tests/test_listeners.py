@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import structlog
@@ -121,3 +124,50 @@ async def test_cancellation_still_propagates(monkeypatch: pytest.MonkeyPatch) ->
         assert scope.cancelled_caught
     assert accepted.fileno() == -1 and listener.stats.active == 0
     assert logs[-1]["outcome"] == "error" and logs[-1]["reason"] == "shutdown"
+
+
+_SPARE_SCRIPT = textwrap.dedent(
+    """
+    import errno, os, resource, socket
+    from l4gw.serve.listeners import SpareDescriptor
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    client = socket.create_connection(server.getsockname())
+    spare = SpareDescriptor()
+    filler = []
+    try:
+        while True:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+    try:
+        server.accept()
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+    else:
+        raise AssertionError("accept worked with no descriptor left")
+    peer = spare.refuse_one(server)
+    assert peer == client.getsockname(), peer
+    try:
+        got = client.recv(1)
+    except ConnectionResetError:
+        got = b"reset"
+    assert got == b"reset", got
+    assert spare.fd >= 0  # taken again
+    assert spare.refuse_one(server) is None  # nothing waiting
+    print("ok")
+    """
+)
+
+
+def test_spare_descriptor_refuses_a_connection_when_out_of_descriptors() -> None:
+    """Out of descriptors (EMFILE), ``accept`` cannot take a connection off the backlog; the
+    spare descriptor frees one for it, resets it, and is held again (run in a child process
+    with ``RLIMIT_NOFILE`` 64)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SPARE_SCRIPT], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

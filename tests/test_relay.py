@@ -294,3 +294,31 @@ async def test_bulk_flow_switches_to_splice(setup: Setup) -> None:
     assert got == data
     assert relay.up.splice and not relay.down.splice
     assert setup.pool.pipes_open >= 1
+
+
+async def test_bulk_flow_copies_when_no_pipe_can_be_had(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors for a splice pipe (EMFILE), a bulk flow goes on by copying: the
+    connection is not failed."""
+
+    def no_pipe() -> relay_mod.Pipe:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(setup.pool, "acquire", no_pipe)
+    data = os.urandom(8 * relay_mod.SMALL_READ + 5)
+    with trio.fail_after(10):
+        setup.relay()
+
+        async def client_side() -> None:
+            await sock_send_all(setup.client, data)
+            setup.client.shutdown(socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_side)
+            got = await sock_read_to_eof(setup.node)
+        setup.node.shutdown(socket.SHUT_WR)
+        assert await sock_read_to_eof(setup.client) == b""
+    assert got == data
+    assert setup.finished
+    assert setup.pool.pipes_open == 0

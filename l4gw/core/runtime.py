@@ -12,14 +12,26 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from .capacity import ConnectionBudget
+
 if TYPE_CHECKING:
     from .acl import SourceACL
     from .config import ListenerConfig
     from .ratelimit import RateLimiter
     from .upstream import UpstreamRuntime
 
-#: ``l4gw_connections_total`` outcomes (SPEC).
-OUTCOMES = ("proxied", "denied", "rate_limited", "no_healthy_node", "connect_failed", "error")
+#: ``l4gw_connections_total`` outcomes (SPEC), and the refusals of the listener's and the
+#: process's connection caps (``l4gw.core.capacity``).
+OUTCOMES = (
+    "proxied",
+    "denied",
+    "rate_limited",
+    "no_healthy_node",
+    "connect_failed",
+    "error",
+    "max_connections",
+    "fd_limit",
+)
 
 #: Bucket upper bounds of ``l4gw_request_duration_seconds``.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -50,18 +62,30 @@ class Histogram:
 class ListenerStats:
     """Counters of one listener name, kept across reloads.
 
-    ``active`` counts the connections under way: raised by hand when one is admitted,
-    lowered only by :meth:`connection_ended`, which calls ``on_idle`` (set by the daemon),
-    synchronously and without awaiting, each time it drops to 0: the drain waits on that
-    instead of polling the counters. (A plain attribute, not a property: it is written twice
-    per connection.)
+    ``active`` counts the connections under way: raised by hand when one is admitted (with
+    ``budget.active``), lowered only by :meth:`connection_ended`, which lowers the budget's
+    too and calls ``on_idle`` (set by the daemon), synchronously and without awaiting, each
+    time it drops to 0: the drain waits on that instead of polling the counters. (Plain
+    attributes, not properties: they are written twice per connection.)
     """
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "on_idle", "outcomes", "requests")
+    __slots__ = (
+        "active",
+        "budget",
+        "bytes_in",
+        "bytes_out",
+        "durations",
+        "on_idle",
+        "outcomes",
+        "requests",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, budget: ConnectionBudget | None = None) -> None:
         #: Connections of this listener under way (accepted and not yet ended).
         self.active = 0
+        #: The process-wide count and cap every listener of the process shares (a budget of
+        #: its own, without a cap, when none is given).
+        self.budget = budget if budget is not None else ConnectionBudget()
         self.on_idle: Callable[[], None] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -72,6 +96,7 @@ class ListenerStats:
 
     def connection_ended(self) -> None:
         """One connection fewer under way (``on_idle`` runs if none is left)."""
+        self.budget.active -= 1
         self.active -= 1
         if not self.active:
             on_idle = self.on_idle

@@ -118,7 +118,9 @@ class ClientConnection:
         self.lease: NodeLease | None = None
         self.finished = False
         self.finish_handed = False
-        listener.stats.active += 1
+        stats = listener.stats
+        stats.active += 1
+        stats.budget.active += 1
 
     def hand_over(self, *, finishes: bool) -> socket.socket:
         """Give the socket to its next owner, who closes it (and, with ``finishes``, calls

@@ -367,8 +367,11 @@ class SocketRelay(Relay):
         splice = os.splice
         try:
             pipe = pool.acquire()
-        except OSError as exc:
-            self._fail(flow.src, exc)
+        except OSError:
+            # No descriptors for a pipe (EMFILE, ENFILE): this read is copied instead; the
+            # flow tries splice again once a read fills the copy buffer.
+            flow.splice = False
+            self._pump(flow)
             return
         for _ in range(SPLICE_ROUNDS):
             try:

@@ -41,8 +41,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     if args.diff:
         return _print_diff(path, config_as_dict(config), args.admin or config.daemon.admin)
+    from .resources import capacity_line
+
     print(f"{path}: valid")
     print(describe(config))
+    print(capacity_line())
     return 0
 
 

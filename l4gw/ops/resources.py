@@ -28,6 +28,8 @@ from pathlib import Path
 
 import attrs
 
+from ..core import capacity
+
 #: Where the persistent form of the ``sysctl -w`` advice goes.
 SYSCTL_FILE = "/etc/sysctl.d/90-l4gw.conf"
 
@@ -85,6 +87,28 @@ def read_kernel_limits(proc: Path = Path("/proc")) -> KernelLimits:
     )
 
 
+def nofile_target(proc: Path = Path("/proc")) -> int:
+    """The soft ``RLIMIT_NOFILE`` ``raise_nofile_limit`` aims for: the hard limit, or
+    ``fs.nr_open`` (the most the kernel accepts) when the hard limit is infinite."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return _read_int(proc / "sys/fs/nr_open") or 1 << 20
+    return hard
+
+
+def capacity_line(proc: Path = Path("/proc")) -> str:
+    """What ``l4gw check`` says about the connection cap a daemon started from this shell
+    would have (``l4gw.core.capacity``)."""
+    nofile = nofile_target(proc)
+    return (
+        f"connection cap: {capacity.connection_cap(nofile)} client connections per process "
+        f"(open-file limit {nofile} here, {capacity.FDS_PER_CONNECTION} descriptors per "
+        f"connection, {capacity.fd_reserve(nofile)} kept for admin, health checks, DNS, logs, "
+        f"pipes and pooled node connections); under systemd the unit's LimitNOFILE=1048576 "
+        f"gives {capacity.connection_cap(1 << 20)}"
+    )
+
+
 def raise_nofile_limit(proc: Path = Path("/proc")) -> tuple[int, int]:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns ``(old, new)`` soft limits.
 
@@ -92,9 +116,7 @@ def raise_nofile_limit(proc: Path = Path("/proc")) -> tuple[int, int]:
     the kernel refuses, the limit is left as it was and ``new == old``.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if target == resource.RLIM_INFINITY:
-        target = _read_int(proc / "sys/fs/nr_open") or 1 << 20
+    target = nofile_target(proc)
     if soft != resource.RLIM_INFINITY and soft >= target:
         return (soft, soft)
     try:

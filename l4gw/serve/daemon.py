@@ -19,6 +19,7 @@ connections.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import time
@@ -31,6 +32,7 @@ import trio
 
 from .. import __version__
 from ..core.acl import SourceACL
+from ..core.capacity import ConnectionBudget
 from ..core.config import Config, ListenerConfig
 from ..core.config.files import config_as_dict
 from ..core.errors import BindError
@@ -44,13 +46,25 @@ from ..l4.reactor import HAVE_REACTOR, Reactor
 from ..l4.relay import IdleSweeper, PipePool
 from . import systemd
 from .admin import admin_table, serve_admin
-from .listeners import ConnectionContext, bind_listener, bind_unix_listener, serve_listener
-from .metrics import lifecycle_families, render_metrics, sweeper_families
+from .listeners import (
+    ConnectionContext,
+    SpareDescriptor,
+    bind_listener,
+    bind_unix_listener,
+    serve_listener,
+)
+from .metrics import capacity_families, lifecycle_families, render_metrics, sweeper_families
 from .reloading import reconfigure_logging, reload_file, warn_start_only
 from .statusdoc import local_listener_document, local_upstream_document, process_document
 from .upstreams import UpstreamSet
 
 log = structlog.get_logger("l4gw.daemon")
+
+
+def open_file_limit() -> int | None:
+    """This process's soft ``RLIMIT_NOFILE`` (None: unlimited)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 class _Listening:
@@ -104,6 +118,9 @@ class Daemon:
         self.started_wall = time.time()
         self.draining = False
         self.stats: dict[str, ListenerStats] = {}
+        #: The process's connection count and its cap from the open-file limit (every
+        #: listener's stats share it).
+        self.budget = ConnectionBudget(open_file_limit())
         self.upstream_set = UpstreamSet(probes=not remote_health)
         self.listening: dict[str, _Listening] = {}
         self.pool = PipePool()
@@ -133,7 +150,7 @@ class Daemon:
     def _listener_runtime(self, lc: ListenerConfig, access_log: bool) -> ListenerRuntime:
         stats = self.stats.get(lc.name)
         if stats is None:
-            stats = self.stats[lc.name] = ListenerStats()
+            stats = self.stats[lc.name] = ListenerStats(self.budget)
             stats.on_idle = self._check_idle
         return ListenerRuntime(
             config=lc,
@@ -194,6 +211,7 @@ class Daemon:
                 if admin_sock.family != socket.AF_UNIX:
                     host, port = admin_sock.getsockname()[:2]
                     self.admin_address = SocketAddress(host, port)
+            spare = SpareDescriptor()
             try:
                 async with trio.open_nursery() as services:
                     self._services = services
@@ -217,6 +235,7 @@ class Daemon:
                             self.reactor,
                             deadlines=self.deadlines,
                             node_pool=self.node_pool,
+                            spare=spare,
                         )
                         # Discovery reports started after its first lookup, so the nodes it
                         # finds exist before the first connection is accepted.
@@ -251,6 +270,7 @@ class Daemon:
                 if self.reactor is not None:
                     self.reactor.close()
                 self.pool.close()
+                spare.close()
         log.info("stopped")
 
     def _start_accepting(self, item: _Listening) -> None:
@@ -455,6 +475,7 @@ class Daemon:
                 reloads=self.reloads,
                 reload_failures=self.reload_failures,
             ),
+            "capacity": self.budget.document(),
             "listeners": [local_listener_document(i.runtime) for i in self.listening.values()],
             "upstreams": [local_upstream_document(up) for up in self.upstreams.values()],
         }
@@ -472,6 +493,7 @@ class Daemon:
             extra=[
                 *lifecycle_families(self.reloads, self.reload_failures, self.draining),
                 *sweeper_families(self.sweeper.closed_drained, self.sweeper.closed_idle),
+                *capacity_families(self.budget.limit),
                 *self.upstream_set.metric_families(),
             ],
         )

@@ -3,9 +3,12 @@ refuse each connection, and dispatch it, once, to where it is served: the reacto
 no task) or a connection task (PROXY header, TLS, L7), whose one ``finally`` closes it.
 Every connection is a :class:`l4gw.l4.client.ClientConnection`, finished in one place.
 
-Admission (source allow/deny, rate limit, ``max_connections``) is decided synchronously in the
-accept loop, before any task is spawned, any byte is read or any node is contacted, so a flood
-of refused connections costs one ``accept`` and one ``close`` each.
+Admission (the process's connection cap, source allow/deny, rate limit, ``max_connections``)
+is decided synchronously in the accept loop, before any task is spawned, any byte is read or
+any node is contacted, so a flood of refused connections costs one ``accept`` and one ``close``
+each. The process's cap (:mod:`l4gw.core.capacity`) keeps descriptors in reserve; should they
+run out all the same, a :class:`SpareDescriptor` still lets the loop take a connection off the
+backlog to refuse it, so clients never wait there for descriptors that are not coming.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..core.netaddr import SocketAddress
 from ..core.proxyproto import ProxyHeaderParser, ProxyProtocolError
 from ..core.runtime import ListenerRuntime
 from ..http.pool import NodePool
-from ..l4.client import ClientConnection, refuse_connection
+from ..l4.client import ClientConnection, refuse_connection, reset
 from ..l4.deadlines import Deadlines
 from ..l4.reactor import Reactor
 from ..l4.relay import IdleSweeper, PipePool
@@ -32,6 +35,7 @@ from ..l4.tcp import TcpContext, plain_upstream, serve_tcp, serve_tcp_in_reactor
 __all__ = [
     "BindError",
     "ConnectionContext",
+    "SpareDescriptor",
     "admit",
     "bind_listener",
     "bind_unix_listener",
@@ -46,6 +50,8 @@ ACCEPT_BATCH = 64
 BACKLOG = 65535
 #: accept() errors that mean "out of a resource": log, back off, keep the listener.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors that mean "out of descriptors" (the process's, the system's).
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 #: accept() errors about one connection that died in the queue: skip it.
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 #: How long a peer in front may take to send its whole PROXY header.
@@ -102,10 +108,52 @@ def bind_unix_listener(name: str, path: str) -> socket.socket:
     return sock
 
 
+class SpareDescriptor:
+    """One descriptor held back (``/dev/null``) for an accept loop that runs out of them:
+    :meth:`refuse_one` closes it, takes one connection off the backlog, resets it and opens the
+    spare again (the nginx/libuv answer to ``EMFILE``).
+
+    Resource handling: owns its descriptor; :meth:`close` (by the daemon, at the end) closes it.
+    """
+
+    def __init__(self) -> None:
+        self.fd = self._open()
+
+    @staticmethod
+    def _open() -> int:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def refuse_one(self, sock: socket.socket) -> tuple[str, int] | None:
+        """Accept one connection from ``sock`` and reset it; returns its peer, or None when
+        there was none or no descriptor could be freed for it."""
+        if self.fd < 0:
+            self.fd = self._open()
+            if self.fd < 0:
+                return None
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            accepted, addr = sock.accept()
+        except OSError:  # BlockingIOError (nothing waiting) included
+            self.fd = self._open()
+            return None
+        reset(accepted)  # first: the spare takes the descriptor it frees
+        self.fd = self._open()
+        return (addr[0], addr[1])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class ConnectionContext(TcpContext):
     """What every connection handler shares, all owned by the daemon: the tcp relays'
     context (nursery, pipe pool, L4 idle sweeper, reactor), the deadline sweeper of http
-    connections and the http node pool."""
+    connections, the http node pool, and the spare descriptor of the accept loops."""
 
     def __init__(
         self,
@@ -116,10 +164,34 @@ class ConnectionContext(TcpContext):
         *,
         deadlines: Deadlines,
         node_pool: NodePool,
+        spare: SpareDescriptor | None = None,
     ) -> None:
         super().__init__(nursery, pool, sweeper, reactor)
         self.deadlines = deadlines
         self.node_pool = node_pool
+        self.spare = spare
+
+
+def refuse_over_capacity(listener: ListenerRuntime, sock: socket.socket | None, now: float) -> None:
+    """A connection refused because the process's connection cap is reached or it is out of
+    descriptors (``sock``: still to reset; None: reset already). Counted with the outcome
+    ``fd_limit``; no access line per connection, a warning at most once a second instead."""
+    if sock is not None:
+        reset(sock)
+    stats = listener.stats
+    stats.outcomes["fd_limit"] = stats.outcomes.get("fd_limit", 0) + 1
+    budget = stats.budget
+    count = budget.refused_now(now)
+    if count:
+        log.warning(
+            "connections_refused",
+            reason="fd_limit",
+            listener=listener.name,
+            refused=count,
+            active=budget.active,
+            max_connections=budget.limit or None,
+            open_file_limit=budget.nofile,
+        )
 
 
 def admit(listener: ListenerRuntime, ip: str, now: float, *, counted: bool = False) -> str | None:
@@ -154,14 +226,18 @@ async def serve_listener(
     """Accept connections on ``sock`` forever; each admitted one is served by
     :func:`_dispatch`.
 
-    Runs until cancelled or until ``sock`` is closed (with ``notify_closing``). Resource
-    errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) are logged and the loop backs off, up to 1 s,
-    instead of dying. Does not close ``sock``.
+    Runs until cancelled or until ``sock`` is closed (with ``notify_closing``). Past the
+    process's connection cap, connections are reset at once (``fd_limit``). Out of
+    descriptors all the same (EMFILE, ENFILE), the context's spare descriptor refuses them;
+    other resource errors (ENOBUFS, ENOMEM), or no spare, are logged and the loop backs off,
+    up to 1 s, instead of dying. Does not close ``sock``.
     """
     task_status.started()
     wait_readable = trio.lowlevel.wait_readable
     backoff = 0.0
     stats = listener.stats
+    budget = stats.budget
+    spare = ctx.spare
     nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         while True:
@@ -174,6 +250,13 @@ async def serve_listener(
                     break
                 except OSError as exc:
                     if exc.errno in _TRANSIENT_ERRNOS:
+                        continue
+                    if (
+                        exc.errno in _FD_ERRNOS
+                        and spare is not None
+                        and spare.refuse_one(sock) is not None
+                    ):
+                        refuse_over_capacity(listener, None, now)
                         continue
                     if exc.errno in _RESOURCE_ERRNOS:
                         backoff = min(1.0, backoff * 2 or 0.01)
@@ -190,6 +273,9 @@ async def serve_listener(
                     await trio.sleep(0.1)
                     break
                 backoff = 0.0
+                if budget.limit and budget.active >= budget.limit:
+                    refuse_over_capacity(listener, accepted, now)
+                    continue
                 if listener.config.accept_proxy_protocol:
                     # The client's own address comes in the PROXY header: the ACL and the
                     # limits apply to it once it is read; here only the peer is vetted.

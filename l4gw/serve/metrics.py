@@ -47,6 +47,11 @@ HTTP_REQUESTS = Metric(
     "l4gw_http_requests_total", "counter", "HTTP requests answered, by route and status."
 )
 REQUEST_DURATION = Metric("l4gw_request_duration_seconds", "histogram", "HTTP request duration.")
+MAX_CONNECTIONS = Metric(
+    "l4gw_max_connections",
+    "gauge",
+    "Client connections the process may hold at once, from its open-file limit (0: no cap).",
+)
 
 # Nodes and upstreams.
 NODE_HEALTHY = Metric(
@@ -149,6 +154,12 @@ def sweeper_families(closed_drained: int, closed_idle: int) -> list[MetricFamily
         DRAINED_AFTER_RELOAD.family([({}, closed_drained)]),
         IDLE_TIMEOUTS.family([({}, closed_idle)]),
     ]
+
+
+def capacity_families(limit: int) -> list[MetricFamily]:
+    """The process's connection cap (its refusals: ``l4gw_connections_total`` with the
+    outcome ``fd_limit``)."""
+    return [MAX_CONNECTIONS.family([({}, limit)])]
 
 
 def worker_families(running: int, restarts: int) -> list[MetricFamily]:

@@ -339,6 +339,7 @@ class ControlPlane(WorkerHooks):
                     "reload_failures": doc.get("reload_failures") if doc else None,
                     "active_connections": _sum_field(listeners, "active_connections"),
                     "connections_total": _sum_field(listeners, "connections_total"),
+                    "capacity": doc.get("capacity") if doc else None,
                 }
             )
         by_listener: dict[str, list[dict[str, Any]]] = {}
