@@ -480,7 +480,9 @@ async def run_connection(
                         ended = "eof"
                         break
                     received += data
-            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            except (OSError, ssl.SSLError):
+                # A reset (the gateway closed with bytes of ours unread, e.g. sent after a
+                # request that closes the connection), or no connection left to half-close.
                 ended = "reset"
     return Outcome(bytes(received), ended, local_port)
 
@@ -591,17 +593,25 @@ class Observed:
             assert line.get("node") is not None, where
             assert line["method"] == request.method.decode("latin-1"), where
             assert line["upstream_path"] == request.target.decode("latin-1"), where
-        # The client got the access lines' statuses, in order (gateway answers included).
-        assert self.statuses == tuple(line["status"] for line in self.lines), where
-        # Each node answer reached the client in the order the node parsed the requests.
+        # The client got the access lines' statuses, in order (gateway answers included), and
+        # each node answer in the order the node parsed the requests. After a reset (bytes
+        # sent after the gateway closed: RFC 9112 §9.6), the client may have lost the last
+        # responses: what it got must still be the first ones, in order.
+        logged = tuple(line["status"] for line in self.lines)
         numbers = [
             int(response.headers[b"x-node-request"])
             for response in self.responses
             if response.status == 200
         ]
-        assert numbers == [request.number for request in self.node], where
+        parsed = [request.number for request in self.node]
+        if self.outcome.ended == "reset":
+            assert self.statuses == logged[: len(self.statuses)], where
+            assert numbers == parsed[: len(numbers)], where
+        else:
+            assert self.statuses == logged, where
+            assert numbers == parsed, where
         for response, request in zip(
-            (r for r in self.responses if r.status == 200), self.node, strict=True
+            (r for r in self.responses if r.status == 200), self.node, strict=False
         ):
             assert response.body == b"node %d %s %s" % (
                 request.number,
