@@ -16,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4gw.http.responses import MAX_HEAD
-from l4gw.http.strict import CLEAN, FOLD_MESSAGE, REFUSE, START, head_refusal, scan_head
+from l4gw.http.strict import (
+    CLEAN,
+    FOLD_MESSAGE,
+    REFUSE,
+    START,
+    bad_field_value,
+    head_refusal,
+    scan_head,
+)
 
 
 def _refuse_obs_fold(lines: Iterable[bytes]) -> Iterator[bytes]:
@@ -159,3 +167,27 @@ def test_generated_heads_in_pieces_agree_with_h11_refusing_folds(data: st.DataOb
     head = data.draw(heads())
     pieces = data.draw(split(head))
     assert parse(pieces) == reference(pieces), pieces
+
+
+@pytest.mark.parametrize(
+    ("value", "bad"),
+    [
+        (b"plain value", False),
+        (b"tab\tinside", False),
+        (b"caf\xe9", False),  # obs-text is allowed
+        (b"a\x01b", True),
+        (b"a\x08", True),
+        (b"\x1bb", True),
+        (b"\x1f", True),
+        (b"del\x7f", True),
+    ],
+)
+def test_control_characters_in_field_values(value: bytes, bad: bool) -> None:
+    """h11 takes these values (it refuses only NUL and whitespace but SP/HTAB); the check
+    refuses every control character but HTAB, as RFC 9110 §5.5 has it."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: " + value + b"\r\n\r\n")
+    request = conn.next_event()
+    assert isinstance(request, h11.Request)
+    assert bad_field_value(request.headers) is bad
+    assert bad_field_value([(b"host", b"h")]) is False

@@ -69,7 +69,15 @@ from .headers import connection_tokens, is_upgrade_request, response_headers
 from .io import IO_ERRORS, ByteIO, FdIO, io_for_stream
 from .pool import NodeConnection, NodePool
 from .responses import DEFAULT_KEEPALIVE, MAX_HEAD, NO_ROUTE
-from .strict import FOLD_MESSAGE, REFUSE, START, head_refusal, scan_head
+from .strict import (
+    CONTROL_MESSAGE,
+    FOLD_MESSAGE,
+    REFUSE,
+    START,
+    bad_field_value,
+    head_refusal,
+    scan_head,
+)
 from .tlsstream import TLSStream
 from .wire import LAST_CHUNK, chunk, response_head
 
@@ -380,7 +388,9 @@ class _Handler(HttpConn):
             )
             return await self._answer()
         protocol: Refusal | None = None
-        if content_length is not None and chunked:
+        if bad_field_value(request.headers):
+            protocol = (400, f"malformed request: {CONTROL_MESSAGE}", True)
+        elif content_length is not None and chunked:
             protocol = (400, "both Content-Length and Transfer-Encoding", True)
         elif method == b"CONNECT":
             protocol = (405, "CONNECT is not supported", True)

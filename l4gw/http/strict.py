@@ -15,6 +15,11 @@ h11 parses a head:
   first, with h11's grammar, so the message names the first defect, as h11 does). The caller
   raises ``h11.RemoteProtocolError(message)``: a 400.
 
+Control characters in field values are refused here too (:func:`bad_field_value`): h11
+takes any byte but NUL and whitespace in a value, so it passes ``\x01``-``\x08``,
+``\x0e``-``\x1f`` and DEL on; RFC 9110 §5.5 makes them invalid, and a node that refuses them
+(or cuts the value there) would read another request than the one the gateway checked.
+
 A head is split into lines the way h11 splits it: it ends at the first ``LF [CR] LF``, lines
 end with LF (a CR before it is dropped), and a buffer that starts with an empty line has no
 request line (h11 refuses it on its own: nothing to do here).
@@ -23,11 +28,25 @@ request line (h11 refuses it on its own: nothing to do here).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
-__all__ = ["FOLD_MESSAGE", "REFUSE", "START", "head_refusal", "scan_head"]
+__all__ = [
+    "CONTROL_MESSAGE",
+    "FOLD_MESSAGE",
+    "REFUSE",
+    "START",
+    "bad_field_value",
+    "head_refusal",
+    "scan_head",
+]
 
 #: What h11 would say (with folding refused) about a folded line.
 FOLD_MESSAGE = "obsolete header line folding is not accepted"
+
+#: The refusal of a header value with a control character.
+CONTROL_MESSAGE = "control character in a header value"
+#: Control characters other than HTAB (CR, LF and NUL never reach here: h11 refuses them).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Scanner states (small ints, so the state is a plain attribute of the connection).
 #: Nothing of the head yet.
@@ -126,3 +145,9 @@ def head_refusal(buffer: bytes | bytearray) -> str | None:
         if _HEADER_FIELD.fullmatch(line) is None:
             return f"illegal header line: {bytearray(line)!r}"
     return FOLD_MESSAGE  # not reached: a folded line was found above
+
+
+def bad_field_value(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a header value (as h11 parsed it) has a control character other than HTAB."""
+    search = _CONTROL.search
+    return any(search(value) is not None for _, value in headers)
