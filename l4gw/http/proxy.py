@@ -92,6 +92,11 @@ LINGER_TIME = 2.0
 LINGER_BYTES = 256 * 1024
 #: How long closing a TLS connection (close_notify) may take.
 CLOSE_TIMEOUT = 1.0
+#: The largest request Content-Length passed on to a node (h11 takes up to 20 digits). A
+#: node parsing it into a signed or unsigned 64-bit integer would overflow or wrap above this
+#: (2**64 + 5 read as 5: the rest of the "body" becomes the node's next request); nginx and
+#: HAProxy refuse such values with 400 too.
+MAX_CONTENT_LENGTH = (1 << 63) - 1
 
 # -- errors and shared state ---------------------------------------------------------------------
 
@@ -392,6 +397,8 @@ class _Handler(HttpConn):
             protocol = (400, f"malformed request: {CONTROL_MESSAGE}", True)
         elif content_length is not None and chunked:
             protocol = (400, "both Content-Length and Transfer-Encoding", True)
+        elif content_length is not None and int(content_length) > MAX_CONTENT_LENGTH:
+            protocol = (400, "Content-Length too large", True)
         elif method == b"CONNECT":
             protocol = (405, "CONNECT is not supported", True)
         cmd = exchange.begin(
