@@ -397,6 +397,10 @@ class _Handler(HttpConn):
             protocol = (400, f"malformed request: {CONTROL_MESSAGE}", True)
         elif content_length is not None and chunked:
             protocol = (400, "both Content-Length and Transfer-Encoding", True)
+        elif chunked and request.http_version < b"1.1":
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (the
+            # sender may not mean chunked at all); as nginx does, refuse it.
+            protocol = (400, "Transfer-Encoding in an HTTP/1.0 request", True)
         elif content_length is not None and int(content_length) > MAX_CONTENT_LENGTH:
             protocol = (400, "Content-Length too large", True)
         elif method == b"CONNECT":
