@@ -393,7 +393,11 @@ class _Handler(HttpConn):
             )
             return await self._answer()
         protocol: Refusal | None = None
-        if bad_field_value(request.headers):
+        if not request.http_version.startswith(b"1."):
+            # h11 takes any "HTTP/d.d"; an HTTP/2.0 or 0.9 request line on an HTTP/1 listener
+            # is refused (RFC 9110 §15.6.6), as nginx does, not served as HTTP/1.0.
+            protocol = (505, "HTTP version not supported", True)
+        elif bad_field_value(request.headers):
             protocol = (400, f"malformed request: {CONTROL_MESSAGE}", True)
         elif content_length is not None and chunked:
             protocol = (400, "both Content-Length and Transfer-Encoding", True)
