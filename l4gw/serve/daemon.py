@@ -31,6 +31,7 @@ import structlog
 import trio
 
 from .. import __version__
+from ..core import logs
 from ..core.acl import SourceACL
 from ..core.capacity import ConnectionBudget
 from ..core.config import Config, ListenerConfig
@@ -53,7 +54,13 @@ from .listeners import (
     bind_unix_listener,
     serve_listener,
 )
-from .metrics import capacity_families, lifecycle_families, render_metrics, sweeper_families
+from .metrics import (
+    capacity_families,
+    lifecycle_families,
+    log_families,
+    render_metrics,
+    sweeper_families,
+)
 from .reloading import reconfigure_logging, reload_file, warn_start_only
 from .statusdoc import local_listener_document, local_upstream_document, process_document
 from .upstreams import UpstreamSet
@@ -494,6 +501,7 @@ class Daemon:
                 *lifecycle_families(self.reloads, self.reload_failures, self.draining),
                 *sweeper_families(self.sweeper.closed_drained, self.sweeper.closed_idle),
                 *capacity_families(self.budget.limit),
+                *log_families(logs.dropped_lines()),
                 *self.upstream_set.metric_families(),
             ],
         )

@@ -83,6 +83,13 @@ DRAINED_AFTER_RELOAD = Metric(
 )
 IDLE_TIMEOUTS = Metric("l4gw_idle_timeouts_total", "counter", "Connections closed by idle_timeout.")
 
+# Logging (a process that carries traffic): lines stderr could not take (l4gw.core.logs).
+LOG_LINES_DROPPED = Metric(
+    "l4gw_log_lines_dropped_total",
+    "counter",
+    "Log lines dropped because stderr could not take them (full disk, full pipe, error).",
+)
+
 #: ``HealthMonitor.as_dict()`` key -> its counter family (one sample per upstream).
 HEALTH_COUNTERS = {
     "checks_total": Metric("l4gw_health_checks_total", "counter", "Active health checks run."),
@@ -160,6 +167,11 @@ def capacity_families(limit: int) -> list[MetricFamily]:
     """The process's connection cap (its refusals: ``l4gw_connections_total`` with the
     outcome ``fd_limit``)."""
     return [MAX_CONNECTIONS.family([({}, limit)])]
+
+
+def log_families(dropped: int) -> list[MetricFamily]:
+    """Log lines dropped by this process (``l4gw.core.logs.dropped_lines``)."""
+    return [LOG_LINES_DROPPED.family([({}, dropped)])]
 
 
 def worker_families(running: int, restarts: int) -> list[MetricFamily]:
