@@ -209,6 +209,32 @@ def test_malformed_responses_raise(data: bytes) -> None:
         read_all(data)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS record, no CRLF anywhere
+        b"SSH-2.0-OpenSSH_9.6",
+        b"http/1.1 200 OK",
+        b"HTTP/2",
+        b"\r\nHTTP/1.1 200 OK",
+    ],
+)
+def test_not_http_is_refused_at_the_first_wrong_byte(data: bytes) -> None:
+    """Bytes that cannot start a status line are an error as soon as they arrive (fed one
+    byte at a time), not after the head's CRLF CRLF, which such a node may never send."""
+    reader = ResponseReader()
+    good = b"HTTP/1."
+    for i in range(len(data)):
+        reader.feed(data[i : i + 1])
+        if data[: i + 1] == good[: i + 1]:
+            assert reader.read_head() is None
+        else:
+            with pytest.raises(NodeProtocolError, match="malformed status line"):
+                reader.read_head()
+            return
+    pytest.fail("never refused")
+
+
 def test_head_size_limit() -> None:
     reader = ResponseReader(max_head=100)
     reader.feed(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200)

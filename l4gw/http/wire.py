@@ -39,6 +39,8 @@ Header = tuple[bytes, bytes]
 #: The terminating chunk of a chunked body (no trailers).
 LAST_CHUNK = b"0\r\n\r\n"
 
+#: What every status line starts with: bytes that cannot begin it are an error at once.
+_STATUS_START = b"HTTP/1."
 _STATUS_RE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\Z")
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _TOKEN_RE = re.compile(_TOKEN + rb"\Z")
@@ -153,6 +155,11 @@ class ResponseReader:
         if bare >= 0:  # a head ending in bare LFs (before any CRLF CRLF)
             end, size = bare, bare + 2
         if end < 0:
+            # Not HTTP at all (a TLS record, an SSH banner, a binary protocol) often has no
+            # CRLF CRLF to wait for: without this, the client would wait for the whole
+            # ``response_timeout`` and get a 504 instead of a 502 now.
+            if not _STATUS_START.startswith(bytes(buffer[: len(_STATUS_START)])):
+                raise NodeProtocolError(f"malformed status line {bytes(buffer[:100])!r}")
             if len(buffer) > self.max_head:
                 raise NodeProtocolError(f"response head larger than {self.max_head} bytes")
             if self.eof:
