@@ -452,6 +452,7 @@ def test_body_cut_short_closes_the_client_connection() -> None:
     assert exchange.node_eof(4.0) == ex.RELEASE | ex.DONE
     assert not exchange.keep and not exchange.reuse_node
     assert exchange.record.status == 200
+    assert "response cut short" in exchange.record.reason
 
 
 def test_unasked_switching_protocols_is_502() -> None:

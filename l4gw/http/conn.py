@@ -150,6 +150,7 @@ class HttpConn:
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
                 duration_ms=round(elapsed * 1000, 3),
+                **({"reason": record.reason} if record.reason else {}),
             )
 
     def log_unlogged(self, record: Record) -> None:

@@ -398,13 +398,13 @@ class Exchange:
         """Writing the request to the node failed."""
         if self.state == _EXCHANGE:
             return self._failed(f"sending failed ({why})", self.reused, now)
-        return self._cut_short()
+        return self._cut_short(f"sending failed ({why})")
 
     def node_read_failed(self, why: str, now: float) -> int:
         """Reading the response from the node failed."""
         if self.state == _EXCHANGE:
             return self._failed(why, self.reused and not self.got_bytes, now)
-        return self._cut_short()
+        return self._cut_short(why)
 
     def pump(self, now: float) -> int:
         """Go on after a ``PUMP`` write."""
@@ -481,8 +481,8 @@ class Exchange:
         out = self.out
         try:
             step = frame_body(node.reader, out, self.chunk_out, FLUSH_AT)
-        except NodeProtocolError:
-            return self._cut_short()
+        except NodeProtocolError as exc:
+            return self._cut_short(str(exc))
         if step == BODY_DONE:
             uploaded = not self.uploading
             self.reuse_node = uploaded and self.keep_node
@@ -513,9 +513,12 @@ class Exchange:
             return RELEASE | RETRY | CONNECT
         return RELEASE | self.refuse(502, message, now)
 
-    def _cut_short(self) -> int:
+    def _cut_short(self, why: str) -> int:
         """The node failed after the response head went out: the client sees the connection
-        close before the announced length or the last chunk."""
+        close before the announced length or the last chunk. The access line keeps the
+        node's status and says why in ``reason``."""
+        node = self.node
+        self.record.reason = f"node {node.key if node else '?'}: response cut short: {why}"
         self.reuse_node = False
         self.keep = False
         self.out.clear()

@@ -58,6 +58,7 @@ class Record:
         "method",
         "node",
         "path",
+        "reason",
         "route",
         "started",
         "status",
@@ -74,6 +75,9 @@ class Record:
         self.node: str | None = None
         self.route = NO_ROUTE
         self.status = 0
+        #: Why a relayed response did not end properly ("" when it did): the access line's
+        #: ``reason``, since its ``status`` is the node's.
+        self.reason = ""
 
 
 def error_body(status: int, message: str) -> bytes:
