@@ -28,7 +28,7 @@ def defined() -> list[Metric]:
 
 def test_every_family_is_defined_once() -> None:
     names = [m.name for m in defined()]
-    assert len(names) == len(set(names)) == 26
+    assert len(names) == len(set(names)) == 27
     assert all(n.startswith("l4gw_") for n in names)
     assert {m.kind for m in defined()} == {"counter", "gauge", "histogram"}
     assert all(m.name.endswith("_total") for m in defined() if m.kind == "counter")
