@@ -18,6 +18,7 @@ from bench.peers import Settings, all_targets, check_l4gw
 from bench.procs import REPO_ROOT, raise_nofile_limit
 from bench.report import Results, machine_info, table, to_json, write_json
 from bench.runner import Plan, execute, say, select_measurements
+from bench.soak import parse_duration, run_soak
 from bench.tlscert import KEY_TYPES
 from l4gw.core.capacity import connection_cap, fd_reserve
 
@@ -105,11 +106,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the peers' configs and logs")
+    p.add_argument(
+        "--soak",
+        metavar="DURATION",
+        help="instead of the figures: mixed tcp, http and https load on one l4gw for DURATION "
+        "(600, 600s, 10m), sampling its RSS and open descriptors (bench/soak.py)",
+    )
+    p.add_argument(
+        "--soak-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between soak samples (default 30)",
+    )
     args = p.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.idle_conns < 1 or args.workers < 0:
         p.error("--runs, --duration and --idle-conns must be positive, --workers >= 0")
     if args.tls and args.mode != "http":
         p.error("--tls needs --mode http")
+    if args.soak is not None:
+        try:
+            args.soak = parse_duration(args.soak)
+        except ValueError as exc:
+            p.error(f"--soak: {exc}")
+        if args.soak_every <= 0:
+            p.error("--soak-every must be positive")
     args.only = _names(args.only, list(MEASUREMENTS), "measurement")
     args.targets = _names(args.targets, target_names, "target")
     try:
@@ -130,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     nofile = raise_nofile_limit()
+    if args.soak is not None:
+        return run_soak(args.soak, args.soak_every, args.keep_logs)
     settings = Settings(
         mode=args.mode,
         workers=args.workers,
