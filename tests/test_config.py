@@ -893,6 +893,11 @@ ERROR_CASES: list[tuple[dict[tuple[Any, ...], Any], list[str]]] = [
         ['listeners[0].rate_limit: must be a number >= 0 (got "5")'],
     ),
     (
+        # Past a float (found by tests/test_config_fuzz.py): was an OverflowError.
+        {("listeners", 0, "rate_limit"): 10**400},
+        ["listeners[0].rate_limit: must be a number >= 0 (got 1000"],
+    ),
+    (
         {("listeners", 0, "rate_limit_burst"): 1.5},
         ["listeners[0].rate_limit_burst: must be an integer >= 0 (got 1.5)"],
     ),

@@ -159,14 +159,16 @@ def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
 
 
 def _number(value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"must be a number >= 0 (got {_show(value)})")
-    return float(value)
+    message = f"must be a number >= 0 (got {_show(value)})"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(message)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range, refused like infinity
+        raise ValueError(message) from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(message)
+    return number
 
 
 def _choice(allowed: Sequence[str], *, fold_case: bool = False) -> Callable[[object], Any]:
