@@ -1395,6 +1395,18 @@ def test_load_config_syntax_error_names_file_line_and_column(tmp_path: Path) -> 
     assert info.value.source == str(path)
 
 
+def test_load_config_integer_too_long_for_python_names_file_and_line(tmp_path: Path) -> None:
+    """tomllib raised a plain ValueError (Python's limit of 4300 digits for int()) that
+    escaped the loader (found by tests/test_config_fuzz.py)."""
+    path = tmp_path / "conf.toml"
+    path.write_text('[upstreams.web]\nnodes = ["10.0.1.10:80"]\nretries = ' + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:3:11: integer out of range (TOML integers are 64-bit) (TOML syntax error)"
+    ]
+
+
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:

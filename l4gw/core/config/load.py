@@ -683,6 +683,15 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
 _TOML_POSITION_RE = re.compile(
     r"^(?P<message>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$"
 )
+#: A decimal integer longer than Python turns text into (``sys.get_int_max_str_digits``).
+_LONG_INTEGER_RE = re.compile(r"[+-]?[0-9][0-9_]{4000,}")
+
+
+def _position(text: str, offset: int) -> str:
+    """``line:column`` (both from 1) of ``offset`` in ``text``, as tomllib counts them."""
+    line = text.count("\n", 0, offset) + 1
+    column = offset - text.rfind("\n", 0, offset)
+    return f"{line}:{column}"
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -691,21 +700,35 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     source = os.fspath(path)
     try:
         with open(source, "rb") as file:
-            data = tomllib.load(file)
+            raw = file.read()
     except OSError as exc:
         raise ConfigError(
             [f"{source}: cannot read: {exc.strerror or exc}"], source=source
         ) from None
+    try:
+        text = raw.decode()
     except UnicodeDecodeError as exc:
         raise ConfigError(
             [f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})"], source=source
         ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        text = str(exc)
-        match = _TOML_POSITION_RE.match(text)
+        message = str(exc)
+        match = _TOML_POSITION_RE.match(message)
         if match:
             problem = f"{source}:{match['line']}:{match['col']}: {match['message']}"
         else:
-            problem = f"{source}: {text}"
+            problem = f"{source}: {message}"
         raise ConfigError([f"{problem} (TOML syntax error)"], source=source) from None
+    except ValueError:
+        # tomllib lets through the ValueError of int() on an integer of more digits than
+        # Python converts (4300 by default); TOML integers are 64-bit anyway.
+        text = text.replace("\r\n", "\n")
+        long = _LONG_INTEGER_RE.search(text)
+        where = f"{source}:{_position(text, long.start())}" if long else source
+        raise ConfigError(
+            [f"{where}: integer out of range (TOML integers are 64-bit) (TOML syntax error)"],
+            source=source,
+        ) from None
     return parse_config(data, source=source)
