@@ -1407,6 +1407,19 @@ def test_load_config_integer_too_long_for_python_names_file_and_line(tmp_path: P
     ]
 
 
+@pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{ a = " * 3000 + "1" + " }" * 3000])
+def test_load_config_nesting_too_deep_names_the_file(tmp_path: Path, value: str) -> None:
+    """tomllib recursed into a RecursionError that escaped the loader (found by
+    tests/test_config_fuzz.py)."""
+    path = tmp_path / "conf.toml"
+    path.write_text(f"deep = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}: arrays or inline tables nested too deeply (TOML syntax error)"
+    ]
+
+
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:

@@ -731,4 +731,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             [f"{where}: integer out of range (TOML integers are 64-bit) (TOML syntax error)"],
             source=source,
         ) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively, without a depth limit.
+        raise ConfigError(
+            [f"{source}: arrays or inline tables nested too deeply (TOML syntax error)"],
+            source=source,
+        ) from None
     return parse_config(data, source=source)
