@@ -1420,6 +1420,20 @@ def test_load_config_nesting_too_deep_names_the_file(tmp_path: Path, value: str)
     ]
 
 
+def test_load_config_syntax_error_at_the_end_names_the_last_line(tmp_path: Path) -> None:
+    """A file cut short: tomllib says "at end of document" without a line, and the problem
+    had no position (found by tests/test_config_fuzz.py)."""
+    path = tmp_path / "conf.toml"
+    path.write_text("[daemon]\r\nworkers = [1,\r\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:3:1: Invalid value (TOML syntax error)"]
+    path.write_text('[daemon]\nlog_level = "in')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:2:16: Unterminated string (TOML syntax error)"]
+
+
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:

@@ -683,6 +683,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
 _TOML_POSITION_RE = re.compile(
     r"^(?P<message>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$"
 )
+_AT_END = " (at end of document)"
 #: A decimal integer longer than Python turns text into (``sys.get_int_max_str_digits``).
 _LONG_INTEGER_RE = re.compile(r"[+-]?[0-9][0-9_]{4000,}")
 
@@ -718,6 +719,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         match = _TOML_POSITION_RE.match(message)
         if match:
             problem = f"{source}:{match['line']}:{match['col']}: {match['message']}"
+        elif message.endswith(_AT_END):
+            # A truncated file: tomllib names no line; the end of the text is where it is.
+            text = text.replace("\r\n", "\n")
+            problem = f"{source}:{_position(text, len(text))}: {message.removesuffix(_AT_END)}"
         else:
             problem = f"{source}: {message}"
         raise ConfigError([f"{problem} (TOML syntax error)"], source=source) from None
