@@ -810,6 +810,19 @@ ERROR_CASES: list[tuple[dict[tuple[Any, ...], Any], list[str]]] = [
         ['upstreams.web.tls.verify: must be true or false (got "no")'],
     ),
     ({("upstreams", "web", "tls", "ca"): 1}, ["upstreams.web.tls.ca: must be a string (got 1)"]),
+    # A NUL in a file name made open() raise ValueError out of `l4gw check` and out of a
+    # SIGHUP reload, which stopped the daemon (found by tests/test_config_fuzz.py).
+    (
+        {("upstreams", "web", "tls", "ca"): "/ca\x00.pem"},
+        ['upstreams.web.tls.ca: must not contain a NUL character (got "/ca\\u0000.pem")'],
+    ),
+    (
+        {("listeners", 0, "tls"): {"certificates": [{"cert": "c\x00", "key": "k\x00"}]}},
+        [
+            'listeners[0].tls.certificates[0].cert: must not contain a NUL character (got "c',
+            'listeners[0].tls.certificates[0].key: must not contain a NUL character (got "k',
+        ],
+    ),
     (
         {("upstreams", "web", "tls", "server_name"): "a b"},
         ["upstreams.web.tls.server_name: must not contain spaces"],

@@ -61,6 +61,7 @@ from .values import (
     _dns_name,
     _duration,
     _expect,
+    _file_name,
     _integer,
     _Invalid,
     _list_of,
@@ -71,6 +72,7 @@ from .values import (
     _nonempty,
     _number,
     _optional_address,
+    _optional_file_name,
     _optional_text,
     _port_range,
     _resolver,
@@ -338,7 +340,7 @@ def _upstream_tls(problems: _Problems, path: str, data: Mapping[str, Any]) -> Up
     t = _Table(problems, path, data, _UPSTREAM_TLS_KEYS)
     return UpstreamTLSConfig(
         verify=t.get("verify", _bool, True),
-        ca=t.get("ca", _optional_text, None),
+        ca=t.get("ca", _optional_file_name, None),
         server_name=t.get("server_name", lambda v: _optional_text(_no_space(v)), None),
     )
 
@@ -476,8 +478,8 @@ def _listener_tls(
         t.error("certificates", "must not be empty")
     for cert_path, cert_data in t.tables("certificates"):
         ct = _Table(problems, cert_path, cert_data, _CERTIFICATE_KEYS)
-        cert = ct.require("cert", _nonempty)
-        key = ct.require("key", _nonempty)
+        cert = ct.require("cert", _file_name)
+        key = ct.require("key", _file_name)
         if cert is not None and key is not None:
             certificates.append(TLSCertificateConfig(cert, key))
     min_version = t.get("min_version", _tls_version, "1.2")

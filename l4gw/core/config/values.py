@@ -119,6 +119,20 @@ def _optional_text(value: object) -> str | None:
     return _string(value) or None
 
 
+def _file_name(value: object) -> str:
+    """A file name: not empty and without NUL, which no file name can hold (``open`` raises
+    ``ValueError`` on it, not ``OSError``)."""
+    text = _nonempty(value)
+    if "\x00" in text:
+        raise ValueError(f"must not contain a NUL character (got {_show(text)})")
+    return text
+
+
+def _optional_file_name(value: object) -> str | None:
+    """A file name where ``""`` means "not set"."""
+    return None if value == "" else _file_name(value)
+
+
 def _no_space(value: object) -> str:
     text = _string(value)
     if any(c.isspace() or not c.isprintable() for c in text):
