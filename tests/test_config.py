@@ -504,6 +504,11 @@ def test_parse_duration(value: object, seconds: float) -> None:
         (float("nan"), "must be a finite duration"),
         (10**400, "is too large"),
         ("1e400h", "is too large"),
+        # Found by tests/test_config_fuzz.py: Fraction built 10**9999999 (seconds of CPU;
+        # minutes for one more digit), or int() refused 5000 digits in Python's words.
+        ("1e9999999s", "must be a duration"),
+        ("1" * 5000 + "s", "must be a duration"),
+        ("0." + "0" * 5000 + "1s", "must be a duration"),
     ],
 )
 def test_parse_duration_refuses(value: object, message: str) -> None:

@@ -26,9 +26,13 @@ __all__ = ["format_duration", "parse_duration", "path_variables"]
 # --------------------------------------------------------------------------------------------
 # Durations
 
+# The exponent has at most 3 digits and the number at most _DURATION_DIGITS characters: Fraction
+# builds 10**exponent and int() of every digit, so "1e99999999s" took minutes and a 5000-digit
+# number hit Python's limit on int() (a ValueError in Python's words).
 _DURATION_RE = re.compile(
-    r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(ms|s|m|h)\s*\Z", re.ASCII
+    r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?)\s*(ms|s|m|h)\s*\Z", re.ASCII
 )
+_DURATION_DIGITS = 64
 _UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600)}
 _DURATION_HELP = 'a number of seconds or a string with a unit: "250ms", "5s", "2m", "1h"'
 
@@ -44,7 +48,7 @@ def parse_duration(value: object) -> float:
     try:
         if isinstance(value, str):
             match = _DURATION_RE.match(value)
-            if match is None:
+            if match is None or len(match[1]) > _DURATION_DIGITS:
                 raise ValueError(f"must be a duration, {_DURATION_HELP} (got {_show(value)})")
             seconds = float(Fraction(match[1]) * _UNITS[match[2]])
         else:
