@@ -815,6 +815,24 @@ ERROR_CASES: list[tuple[dict[tuple[Any, ...], Any], list[str]]] = [
         ['upstreams.web.tls.verify: must be true or false (got "no")'],
     ),
     ({("upstreams", "web", "tls", "ca"): 1}, ["upstreams.web.tls.ca: must be a string (got 1)"]),
+    # Unicode and overlong digits: int() raised in Python's words ("invalid literal for int()",
+    # "Exceeds the limit (4300 digits)"), found by tests/test_config_fuzz.py.
+    (
+        {("upstreams", "web", "nodes"): ["10.0.1.10:\u00b2", "10.0.1.10:" + "9" * 5000]},
+        [
+            "upstreams.web.nodes[0]: '\u00b2' is not a port number",
+            "upstreams.web.nodes[1]: '999",
+            "upstreams.web: has no nodes",
+        ],
+    ),
+    (
+        {("upstreams", "web", "health", "expect"): "\u00b2"},
+        ['upstreams.web.health.expect: must be a status 100..599 or a range like "200-399"'],
+    ),
+    (
+        {("upstreams", "web", "health", "expect"): "200-" + "9" * 5000},
+        ['upstreams.web.health.expect: must be a status 100..599 or a range like "200-399"'],
+    ),
     # A NUL in a file name made open() raise ValueError out of `l4gw check` and out of a
     # SIGHUP reload, which stopped the daemon (found by tests/test_config_fuzz.py).
     (

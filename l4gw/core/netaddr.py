@@ -78,9 +78,12 @@ def parse_port(value: object, *, allow_zero: bool = False) -> int:
     if isinstance(value, bool):
         raise ValueError("must be a port number")
     if isinstance(value, str):
-        if not value.isdigit():
+        # ASCII digits only ("²".isdigit() is true, and int() then fails in Python's words),
+        # and no more than a port can have (int() refuses over 4300 digits the same way).
+        digits = value.lstrip("0") or "0"
+        if not (value.isascii() and value.isdigit()) or len(digits) > 5:
             raise ValueError(f"{value!r} is not a port number")
-        value = int(value)
+        value = int(digits)
     if not isinstance(value, int):
         raise ValueError("must be a port number")
     low = 0 if allow_zero else 1

@@ -309,7 +309,12 @@ def _expect(value: object) -> tuple[int, int]:
     elif isinstance(value, str):
         low_text, _, high_text = value.partition("-")
         high_text = high_text or low_text
-        if not (low_text.strip().isdigit() and high_text.strip().isdigit()):
+        # At most 3 ASCII digits each: "²".isdigit() is true, and int() then raised in
+        # Python's words (as for more than 4300 digits).
+        if not all(
+            t.strip().isascii() and t.strip().isdigit() and len(t.strip()) <= 3
+            for t in (low_text, high_text)
+        ):
             raise ValueError(message)
         low, high = int(low_text), int(high_text)
     else:
