@@ -1470,6 +1470,25 @@ def test_load_config_syntax_error_at_the_end_names_the_last_line(tmp_path: Path)
     assert info.value.problems == [f"{path}:2:16: Unterminated string (TOML syntax error)"]
 
 
+def test_load_config_hex_integer_too_long_to_show(tmp_path: Path) -> None:
+    """A hex integer of 5000 digits parses (no int() limit for base 16), and showing it in a
+    problem raised ValueError out of the loader (found by tests/test_config_fuzz.py)."""
+    path = tmp_path / "conf.toml"
+    huge = "0x" + "f" * 5000
+    path.write_text(
+        f'[upstreams.web]\nnodes = [{huge}]\nretries = {huge}\n[[listeners]]\nname = "m"\n'
+        'listen = "127.0.0.1:80"\nupstream = "web"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        'upstreams.web.nodes[0]: must be "ip:port" or { address = "ip:port", weight = N } '
+        "(got an integer of 20000 bits)",
+        "upstreams.web: has no nodes: give nodes = [...] or a [upstreams.web.discovery] section",
+        "upstreams.web.retries: must be an integer 1..100 (got an integer of 20000 bits)",
+    ]
+
+
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:

@@ -102,6 +102,9 @@ def _show(value: object) -> str:
         return "a table"
     if isinstance(value, list):
         return "an array"
+    if isinstance(value, int) and value.bit_length() > 13_000:
+        # str() refuses more than 4300 digits (a TOML hex integer can have them).
+        return f"an integer of {value.bit_length()} bits"
     return str(value)
 
 
