@@ -815,6 +815,16 @@ ERROR_CASES: list[tuple[dict[tuple[Any, ...], Any], list[str]]] = [
         ['upstreams.web.tls.verify: must be true or false (got "no")'],
     ),
     ({("upstreams", "web", "tls", "ca"): 1}, ["upstreams.web.tls.ca: must be a string (got 1)"]),
+    # A conflict with a default named the key that was not written (found by
+    # tests/test_config_fuzz.py): now the key that was.
+    (
+        {("upstreams", "web", "health"): {"interval": "250ms"}},
+        ["upstreams.web.health.interval: must not be less than timeout (2s, the default)"],
+    ),
+    (
+        {("upstreams", "web", "health"): {"ejection_time": "1h"}},
+        ["upstreams.web.health.ejection_time: must not exceed max_ejection_time (5m, the default)"],
+    ),
     # Unicode and overlong digits: int() raised in Python's words ("invalid literal for int()",
     # "Exceeds the limit (4300 digits)"), found by tests/test_config_fuzz.py.
     (

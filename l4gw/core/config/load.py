@@ -301,16 +301,31 @@ def _health(problems: _Problems, path: str, data: Mapping[str, Any]) -> HealthCo
         max_ejection_time=t.get("max_ejection_time", _positive, 300.0),
         max_ejected_percent=t.get("max_ejected_percent", _integer(0, 100), 50),
     )
+    # Each conflict is reported at a key the table has: when only the other one is written,
+    # it conflicts with a default, and the problem says so.
     if t.ok("interval", "timeout") and health.timeout > health.interval:
-        t.error("timeout", f"must not exceed interval ({format_duration(health.interval)})")
+        if "timeout" in t:
+            t.error("timeout", f"must not exceed interval ({format_duration(health.interval)})")
+        else:
+            t.error(
+                "interval",
+                f"must not be less than timeout ({format_duration(health.timeout)}, the default)",
+            )
     if (
         t.ok("ejection_time", "max_ejection_time")
         and health.max_ejection_time < health.ejection_time
     ):
-        t.error(
-            "max_ejection_time",
-            f"must not be less than ejection_time ({format_duration(health.ejection_time)})",
-        )
+        if "max_ejection_time" in t:
+            t.error(
+                "max_ejection_time",
+                f"must not be less than ejection_time ({format_duration(health.ejection_time)})",
+            )
+        else:
+            t.error(
+                "ejection_time",
+                "must not exceed max_ejection_time "
+                f"({format_duration(health.max_ejection_time)}, the default)",
+            )
     return health
 
 
