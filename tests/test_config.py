@@ -1499,6 +1499,15 @@ def test_load_config_hex_integer_too_long_to_show(tmp_path: Path) -> None:
     ]
 
 
+def test_authorize_port_too_long_to_show(tmp_path: Path) -> None:
+    """parse_port put a 5000-digit hex port into its message with str(), which raised
+    Python's ValueError as the message (found by tests/test_config_fuzz.py)."""
+    data = patched({("authorize",): [{"name": "a", "address": "10.0.0.0/8", "ports": [16**5000]}]})
+    assert (
+        problems_of(data)[0] == "authorize[0].ports[0]: port of 20001 bits is out of range 1..65535"
+    )
+
+
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:

@@ -88,7 +88,9 @@ def parse_port(value: object, *, allow_zero: bool = False) -> int:
         raise ValueError("must be a port number")
     low = 0 if allow_zero else 1
     if not low <= value <= 65535:
-        raise ValueError(f"port {value} is out of range {low}..65535")
+        # str() refuses an integer of over 4300 digits (a TOML hex integer can have them).
+        shown = value if value.bit_length() <= 64 else f"of {value.bit_length()} bits"
+        raise ValueError(f"port {shown} is out of range {low}..65535")
     return value
 
 
