@@ -97,6 +97,27 @@ def test_a_bind_error_in_apply_is_refused(good: Path) -> None:
     assert logs[0]["problems"] == ["listener l: cannot listen on 127.0.0.1:8080: in use"]
 
 
+def test_a_loader_bug_is_a_rejected_reload_not_a_crash(
+    good: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything but ConfigError out of the loader (a bug) is logged with its traceback and
+    counted as a rejected reload; the running config stays and nothing is raised."""
+
+    def broken(path: object) -> Config:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(reloading, "load_usable_config", broken)
+    process = Process()
+    with structlog.testing.capture_logs() as logs:
+        assert not reload_file(process, good)
+    assert (process.reloads, process.reload_failures, process.applied) == (0, 1, [])
+    assert [line["event"] for line in logs] == ["reload_internal_error", "reload_rejected"]
+    assert logs[0]["exc_info"] is True
+    assert logs[1]["problems"] == [
+        f"{good}: cannot be loaded (RecursionError: maximum recursion depth exceeded)"
+    ]
+
+
 def test_start_only_settings_are_warned_about() -> None:
     old = DaemonConfig()
     new = attrs.evolve(old, admin=SocketAddress("127.0.0.1", 1), workers=4)

@@ -9,7 +9,7 @@ are the steps about ``[daemon]`` that every process takes in its ``apply``. No t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import structlog
@@ -53,18 +53,38 @@ def reload_file(
     A file that does not load or check, or an apply that raises ``BindError``, counts in
     ``target.reload_failures`` and is logged (``reload_rejected`` with every problem); the
     running config stays. Success counts in ``target.reloads`` and logs ``reloaded`` with
-    ``fields`` (on both lines) and ``summary(new)``. Raises nothing else of its own."""
+    ``fields`` (on both lines) and ``summary(new)``. Raises nothing else of its own.
+
+    A file whose loading fails in a way it should not (a loader bug: anything but
+    ``ConfigError``) is a rejected reload too, logged with its traceback: a file must never
+    stop the daemon."""
     try:
         new = load_usable_config(path)
+    except ConfigError as exc:
+        return _rejected(target, path, fields, exc.problems)
+    except Exception as exc:
+        log.exception("reload_internal_error", **fields, file=str(path))
+        return _rejected(
+            target, path, fields, [f"{path}: cannot be loaded ({type(exc).__name__}: {exc})"]
+        )
+    try:
         target.apply(new)
-    except (ConfigError, BindError) as exc:
-        target.reload_failures += 1
-        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-        log.error("reload_rejected", **fields, file=str(path), problems=problems)
-        return False
+    except BindError as exc:
+        return _rejected(target, path, fields, [str(exc)])
     target.reloads += 1
     log.info("reloaded", **fields, file=str(path), **summary(new))
     return True
+
+
+def _rejected(
+    target: Reloadable,
+    path: str | os.PathLike[str],
+    fields: Mapping[str, object],
+    problems: Sequence[str],
+) -> bool:
+    target.reload_failures += 1
+    log.error("reload_rejected", **fields, file=str(path), problems=list(problems))
+    return False
 
 
 def warn_start_only(old: DaemonConfig, new: DaemonConfig, settings: Iterable[str]) -> None:
