@@ -173,6 +173,24 @@ class Node:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def keepalive(self, stream: trio.SocketStream) -> None:
+        """HTTP keep-alive: answers ``ok`` to every request head on the connection."""
+        self.accepted += 1
+        try:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data or len(buffer) > 65536:
+                        return
+                    buffer += data
+                _, _, buffer = buffer.partition(b"\r\n\r\n")
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
     async def tcp(self, stream: trio.SocketStream) -> None:
         self.accepted += 1
         try:
@@ -306,10 +324,21 @@ async def http_ok(port: int, context: ssl.SSLContext | None = None) -> None:
     assert await http_request(port, "/small", context) == (200, b"ok")
 
 
-async def echo_ok(port: int, *, header: bytes = b"", greeting: bool = False) -> None:
+async def echo_ok(
+    port: int,
+    *,
+    header: bytes = b"",
+    greeting: bool = False,
+    context: ssl.SSLContext | None = None,
+) -> None:
     """A tcp client of an echoing node: a ``Node.tcp`` node (which takes ``E`` first) or,
-    with ``greeting``, a ``Node.greet_echo`` one (after an optional PROXY ``header``)."""
-    stream = await open_client(port)
+    with ``greeting``, a ``Node.greet_echo`` one (after an optional PROXY ``header``); over
+    TLS with ``context``."""
+    stream: trio.abc.Stream
+    if context is None:
+        stream = await open_client(port)
+    else:
+        stream = await open_tls(port, context)
     async with stream:
         await stream.send_all(header + (b"" if greeting else b"E") + b"hello\n")
         if greeting:
@@ -379,9 +408,11 @@ async def slowloris(
     results.append(result)
 
 
-async def slow_handshake(port: int, lasted: list[float]) -> None:
-    """Open TCP, send the first part of a real ClientHello, then nothing; the gateway must
-    close the connection (without a reply: the handshake is incomplete)."""
+async def slow_handshake(port: int, trickle: bool, lasted: list[float]) -> None:
+    """Open TCP and send part of a real ClientHello: half of it at once then nothing, or
+    (``trickle``) one byte every ``SLOW_BYTE_INTERVAL``; the gateway must close the
+    connection within its handshake timeout (without a reply: the handshake is incomplete),
+    however the bytes trickle in."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=SERVER_NAME)
     try:
@@ -389,12 +420,26 @@ async def slow_handshake(port: int, lasted: list[float]) -> None:
     except ssl.SSLWantReadError:
         pass
     hello = outgoing.read()
-    assert len(hello) > 100
+    assert len(hello) * SLOW_BYTE_INTERVAL > 2 * TLS_HANDSHAKE_TIMEOUT
     started = trio.current_time()
     stream = await open_client(port)
+    answer = b""
     async with stream:
-        await stream.send_all(hello[: len(hello) // 2])
-        answer = await receive_until_closed(stream)
+        if not trickle:
+            await stream.send_all(hello[: len(hello) // 2])
+        else:
+            for byte in hello:
+                try:
+                    await stream.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    break
+                with trio.move_on_after(SLOW_BYTE_INTERVAL):
+                    try:
+                        answer = bytes(await stream.receive_some(65536))
+                    except trio.BrokenResourceError:
+                        pass
+                    break  # the gateway closed (or answered: asserted below)
+        answer += await receive_until_closed(stream)
     assert answer == b""
     lasted.append(trio.current_time() - started)
 
@@ -448,8 +493,8 @@ header_timeout = "{HEADER_TIMEOUT}s"
             attack.start_soon(normal_plain.run, partial(http_ok, plain))
             attack.start_soon(normal_tls.run, partial(http_ok, tls, client_tls))
             async with trio.open_nursery() as slow:
-                for _ in range(SLOW_HANDSHAKES):
-                    slow.start_soon(slow_handshake, tls, handshakes)
+                for i in range(SLOW_HANDSHAKES):
+                    slow.start_soon(slow_handshake, tls, i % 2 == 1, handshakes)
                 for _ in range(SLOWLORIS_PER_LISTENER):
                     slow.start_soon(slowloris, partial(open_client, plain), results["plain"])
                     slow.start_soon(slowloris, partial(open_tls, tls, client_tls), results["tls"])
@@ -472,6 +517,7 @@ header_timeout = "{HEADER_TIMEOUT}s"
             )
         assert len(handshakes) == SLOW_HANDSHAKES
         assert min(handshakes) >= TLS_HANDSHAKE_TIMEOUT - 0.1
+        assert max(handshakes) < TLS_HANDSHAKE_TIMEOUT + 10  # a deadline, not an idle timer
         assert await daemon.metric("l4gw_connections_total", listener="tls", outcome="error") == (
             SLOW_HANDSHAKES
         )
@@ -534,7 +580,7 @@ class StalledReader:
                 await trio.sleep(pause)
 
 
-@pytest.mark.parametrize("mode", ["http", "https", "tcp"])
+@pytest.mark.parametrize("mode", ["http", "https", "tcp", "tcps"])
 async def test_a_stalled_reader_of_a_large_response_costs_bounded_memory(
     l4gw_daemon: DaemonFactory,
     nursery: trio.Nursery,
@@ -543,11 +589,13 @@ async def test_a_stalled_reader_of_a_large_response_costs_bounded_memory(
 ) -> None:
     cert, key, client_tls = tls_files
     with trio.fail_after(60):
+        tcp = mode.startswith("tcp")
+        tls = mode in ("https", "tcps")
         node = Node()
-        await node.start(nursery, node.tcp if mode == "tcp" else node.http)
+        await node.start(nursery, node.tcp if tcp else node.http)
         port = free_port()
-        listener = ('mode = "tcp"' if mode == "tcp" else 'mode = "http"\nheader_timeout = "5s"') + (
-            tls_block(cert, key) if mode == "https" else ""
+        listener = ('mode = "tcp"' if tcp else 'mode = "http"\nheader_timeout = "5s"') + (
+            tls_block(cert, key) if tls else ""
         )
         daemon = await l4gw_daemon(
             f"""
@@ -566,26 +614,26 @@ upstream = "app"
 {listener}
 """
         )
-        context = client_tls if mode == "https" else None
+        context = client_tls if tls else None
         normal: Callable[[], Awaitable[None]]
-        normal = partial(echo_ok, port) if mode == "tcp" else partial(http_ok, port, context)
+        normal = partial(echo_ok, port, context=context) if tcp else partial(http_ok, port, context)
         for _ in range(20):  # warm up: code paths and buffers in use once before the baseline
             await normal()
         await trio.sleep(0.5)
         baseline = rss(daemon.proc.pid)
 
         stream: trio.abc.Stream
-        if mode == "https":
+        if tls:
             stream = await open_tls(port, client_tls)
         else:
             stream = trio.SocketStream(await small_socket(port))
-        reader = StalledReader(stream, http=mode != "tcp")
+        reader = StalledReader(stream, http=not tcp)
         traffic = NormalTraffic()
         async with trio.open_nursery() as attack:
             attack.start_soon(watch_admin, daemon, traffic)
             attack.start_soon(traffic.run, normal)
             async with stream:
-                if mode == "tcp":
+                if tcp:
                     await stream.send_all(b"B")
                 else:
                     await stream.send_all(
@@ -720,7 +768,7 @@ upstream = "raw"
         )
         rejected = daemon.logs("proxy_header_rejected")
         assert len(rejected) == SILENT_PER_LISTENER
-        assert pp_node.accepted == traffic[0].done + 0
+        assert pp_node.accepted == traffic[0].done
         # http, no byte of a head: closed at header_timeout without an answer (docs/http.md:
         # "a connection that sent nothing at all is just closed"), and no request counted.
         assert answers["web"] == [b""] * SILENT_PER_LISTENER
@@ -737,6 +785,14 @@ upstream = "raw"
         assert len(idle_lines) == SILENT_PER_LISTENER
         assert {e["listener"] for e in idle_lines} == {"raw"}
         await wait_for(lambda: _active_is(daemon, {"pp": 0, "web": 0, "raw": 0}))
+        # Every connection is counted under some outcome (a silent http connection has no
+        # request to count: its connection is its only trace).
+        totals = {i["name"]: i["connections_total"] for i in (await daemon.status())["listeners"]}
+        assert totals == {
+            "pp": traffic[0].done + SILENT_PER_LISTENER,
+            "web": traffic[1].done + SILENT_PER_LISTENER,
+            "raw": traffic[2].done + SILENT_PER_LISTENER,
+        }
         print(
             f"\nsilent clients closed after: pp {min(lasted['pp']):.2f}-{max(lasted['pp']):.2f}"
             f" s, http {min(lasted['web']):.2f}-{max(lasted['web']):.2f} s, tcp "
@@ -771,14 +827,43 @@ async def refused_at_once(port: int, lasted: list[float]) -> None:
     lasted.append(trio.current_time() - started)
 
 
+#: What a held connection of each flooded listener kind sends (``{port}``: the listener).
+_HELD_REQUEST = {
+    "tcp": b"still\n",
+    "proxy": b"still\n",
+    "http": b"GET /small HTTP/1.1\r\nHost: " + SERVER_NAME.encode() + b"\r\n\r\n",
+}
+
+
+async def held_exchange(stream: trio.SocketStream, kind: str) -> None:
+    """One exchange on a held connection: an echo (tcp) or a keep-alive request (http)."""
+    await stream.send_all(_HELD_REQUEST[kind])
+    if kind != "http":
+        assert await read_line(stream) == b"still\n"
+        return
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        chunk = await stream.receive_some(4096)
+        assert chunk, data
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data
+
+
+@pytest.mark.parametrize("kind", ["tcp", "proxy", "http"])
 async def test_a_flood_past_max_connections_is_refused_at_once_and_counted(
-    l4gw_daemon: DaemonFactory, nursery: trio.Nursery
+    l4gw_daemon: DaemonFactory, nursery: trio.Nursery, kind: str
 ) -> None:
     ensure_nofile(4 * (FLOOD_BATCH + MAX_CONNECTIONS) + 256)
     with trio.fail_after(60):
-        node = Node()
+        node, http_node = Node(), Node()
         await node.start(nursery, node.greet_echo)
+        await http_node.start(nursery, http_node.keepalive)
         capped, other = free_port(), free_port()
+        extra = {
+            "tcp": 'upstream = "app"',
+            "proxy": 'upstream = "app"\naccept_proxy_protocol = true',
+            "http": 'upstream = "web"\nmode = "http"',
+        }[kind]
         daemon = await l4gw_daemon(
             f"""
 [daemon]
@@ -788,11 +873,14 @@ log_format = "json"
 [upstreams.app]
 nodes = [{{ address = "127.0.0.1:{node.port}" }}]
 
+[upstreams.web]
+nodes = [{{ address = "127.0.0.1:{http_node.port}" }}]
+
 [[listeners]]
 name = "capped"
 listen = "127.0.0.1:{capped}"
-upstream = "app"
 max_connections = {MAX_CONNECTIONS}
+{extra}
 
 [[listeners]]
 name = "other"
@@ -800,12 +888,17 @@ listen = "127.0.0.1:{other}"
 upstream = "app"
 """
         )
+        header = encode_v1(("203.0.113.9", 5000), ("127.0.0.1", capped))
         held = []
         for _ in range(MAX_CONNECTIONS):
             stream = await open_client(capped)
-            assert await read_line(stream) == b"node\n"
+            if kind == "proxy":
+                await stream.send_all(header)
+            if kind != "http":
+                assert await read_line(stream) == b"node\n"
+            await held_exchange(stream, kind)
             held.append(stream)
-        accepted = node.accepted
+        accepted = node.accepted + http_node.accepted
         lasted: list[float] = []
         traffic = NormalTraffic()
         async with trio.open_nursery() as attack:
@@ -833,11 +926,10 @@ upstream = "app"
         refusals = [e for e in daemon.logs("connection") if e["outcome"] == "max_connections"]
         assert len(refusals) == flooded
         assert {(e["listener"], e["node"]) for e in refusals} == {("capped", None)}
-        # The node never saw the flood; the held connections still work.
-        assert node.accepted - accepted == traffic.done
+        # No node saw the flood; the held connections still work.
+        assert node.accepted + http_node.accepted - accepted == traffic.done
         for stream in held:
-            await stream.send_all(b"still\n")
-            assert await read_line(stream) == b"still\n"
+            await held_exchange(stream, kind)
         status = await daemon.status()
         assert {i["name"]: i["active_connections"] for i in status["listeners"]} == {
             "capped": MAX_CONNECTIONS,
@@ -847,9 +939,14 @@ upstream = "app"
         for stream in held:
             await stream.aclose()
         await wait_for(lambda: _active_is(daemon, {"capped": 0}))
+        serve: Callable[[], Awaitable[None]] = {
+            "tcp": partial(echo_ok, capped, greeting=True),
+            "proxy": partial(echo_ok, capped, header=header, greeting=True),
+            "http": partial(http_ok, capped),
+        }[kind]
         async with trio.open_nursery() as again:
             for _ in range(MAX_CONNECTIONS):
-                again.start_soon(partial(echo_ok, capped, greeting=True))
+                again.start_soon(serve)
         assert (
             await daemon.metric(
                 "l4gw_connections_total", listener="capped", outcome="max_connections"
@@ -857,9 +954,9 @@ upstream = "app"
             == flooded
         )
         print(
-            f"\nflood: {flooded} connections past max_connections = {MAX_CONNECTIONS} closed "
-            f"after {min(lasted) * 1000:.1f}-{max(lasted) * 1000:.1f} ms; {traffic.done} "
-            f"normal connections on another listener meanwhile, slowest "
-            f"{traffic.slowest * 1000:.0f} ms"
+            f"\nflood ({kind}): {flooded} connections past max_connections = "
+            f"{MAX_CONNECTIONS} closed after {min(lasted) * 1000:.1f}-"
+            f"{max(lasted) * 1000:.1f} ms; {traffic.done} normal connections on another "
+            f"listener meanwhile, slowest {traffic.slowest * 1000:.0f} ms"
         )
         assert_daemon_clean(daemon)
