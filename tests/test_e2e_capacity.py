@@ -107,7 +107,12 @@ async def test_out_of_descriptors_new_connections_are_refused_at_once(
             assert len(held) == cap
             assert refused == attempts - cap
 
-            # Every slot taken: the admin endpoint and the health checks still work.
+            # Every slot taken: the connections held are still served, and the admin endpoint
+            # and the health checks still work.
+            for stream in (held[0], held[-1]):
+                await stream.send_all(b"still here\n")
+                with trio.fail_after(5):
+                    assert await read_line(stream) == b"still here\n"
             status = await daemon.status()
             assert status["capacity"]["active_connections"] == cap
             assert status["capacity"]["refused_total"] == refused
