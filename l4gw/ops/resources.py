@@ -38,7 +38,7 @@ MIN_SOMAXCONN = 4096
 
 #: File descriptors per connection at worst (2 sockets + 2 pipes of 2 fds) and a reserve for
 #: the listeners, the admin endpoint, health checks, DNS and the idle pipe pool.
-FDS_PER_CONNECTION = 6
+FDS_PER_CONNECTION_WORST = 6
 FD_RESERVE = 1024
 
 #: Pages of one default-size splice pipe, and pipes per connection moving data both ways.
@@ -135,7 +135,7 @@ def nofile_warning(soft: int | None, hard: int | None, expected_connections: int
     """A warning when the open-file limit is below what ``expected_connections`` need."""
     if soft is None:
         return None
-    needed = expected_connections * FDS_PER_CONNECTION + FD_RESERVE
+    needed = expected_connections * FDS_PER_CONNECTION_WORST + FD_RESERVE
     if soft >= needed:
         return None
     hard_text = "unlimited" if hard is None else str(hard)

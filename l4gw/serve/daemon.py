@@ -316,7 +316,8 @@ class Daemon:
         self._hard_stop.set()
 
     def active_connections(self) -> int:
-        return sum(stats.active for stats in self.stats.values())
+        """Client connections under way on every listener (they all share ``budget``)."""
+        return self.budget.active
 
     def _check_idle(self) -> None:
         """``on_idle`` of every listener's stats: one of them dropped to 0 connections (on

@@ -273,7 +273,7 @@ async def serve_listener(
                     await trio.sleep(0.1)
                     break
                 backoff = 0.0
-                if budget.limit and budget.active >= budget.limit:
+                if budget.full():
                     refuse_over_capacity(listener, accepted, now)
                     continue
                 if listener.config.accept_proxy_protocol:
